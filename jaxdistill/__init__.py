@@ -1,0 +1,1 @@
+"""jaxdistill: multi-teacher knowledge distillation in JAX/Flax NNX."""

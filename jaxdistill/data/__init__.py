@@ -1,0 +1,1 @@
+"""Data: record sources, grain pipelines, tokenisation, built-in workloads."""

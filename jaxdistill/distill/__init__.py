@@ -1,0 +1,1 @@
+"""Distillation: losses, multi-teacher objectives, the fused train step."""
