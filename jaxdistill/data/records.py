@@ -1,0 +1,210 @@
+"""Record schemas: one small typed spec per kind, validation with precise errors, docs.
+
+A record is a plain JSON-like dict (str, int, float, list, dict). Four kinds:
+
+- ``pointwise``: one (query, member, document) pair with a 0-4 policy grade.
+- ``listwise``: one query with N graded candidates.
+- ``impressions``: one shown document with its position and the member's actions.
+- ``chat``: a conversation, a list of role/content messages.
+
+``validate_record`` is the single edge check used by ``prepare`` (JSONL/Parquet import),
+``write_dataset`` (built-in workloads) and the pipeline (records read back from disk), so a
+bad record always fails with the same message: source, record index, field, expected, found.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+KINDS = ("pointwise", "listwise", "impressions", "chat")
+NUM_GRADES = 5  # policy rubric grades 0..4
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class RecordError(ValueError):
+    """A record does not match its schema; the message names source, index and field."""
+
+    def __init__(self, source: str, index: int, field: str, expected: str, found: Any):
+        self.source, self.index, self.field = source, index, field
+        found_text = repr(found)
+        if len(found_text) > 80:
+            found_text = found_text[:77] + "..."
+        super().__init__(
+                f"{source}: record {index}: field '{field}': expected {expected}, found {found_text}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One field of a schema, as documented in ``schema_markdown``."""
+
+    name: str
+    type: str
+    required: bool
+    description: str
+
+
+_MEMBER_FIELDS = (
+        Field("member", "str", True, "rendered member profile text; may be empty"),
+        Field("member_features", "list[float]", True, "dense member features; may be empty"),
+)
+
+SCHEMAS: dict[str, tuple[Field, ...]] = {
+        "pointwise": (
+                Field("query", "str", True, "the search query; non-empty"),
+                Field("document", "str", True, "the document text; non-empty"),
+                *_MEMBER_FIELDS,
+                Field("grade", "int", True, "policy grade 0..4"),
+                Field("grade_probs", "list[float] (5)", False, "judge's soft label over grades 0..4, sums to 1"),
+        ),
+        "listwise": (
+                Field("query", "str", True, "the search query; non-empty"),
+                *_MEMBER_FIELDS,
+                Field("candidates", "list[candidate]", True, "at least one candidate, see below"),
+                Field("candidates[].document", "str", True, "candidate document text; non-empty"),
+                Field("candidates[].grade", "int", True, "policy grade 0..4"),
+                Field("candidates[].grade_probs", "list[float] (5)", False, "soft label over grades, sums to 1"),
+                Field("candidates[].position", "int", False, "position shown (0-based), >= 0"),
+                Field("candidates[].actions", "dict[str, int]", False, "action name -> 0/1"),
+        ),
+        "impressions": (
+                Field("query", "str", True, "the search query; non-empty"),
+                *_MEMBER_FIELDS,
+                Field("document", "str", True, "the document shown; non-empty"),
+                Field("position", "int", True, "position shown (0-based), >= 0"),
+                Field("actions", "dict[str, int]", True, "action name -> 0/1 (e.g. click, apply, dismiss)"),
+        ),
+        "chat": (
+                Field("messages", "list[message]", True, "at least one message"),
+                Field("messages[].role", "str", True, f"one of {', '.join(CHAT_ROLES)}"),
+                Field("messages[].content", "str", True, "message text; non-empty"),
+        ),
+}
+
+
+class _Checker:
+    """Field checks bound to one record's source and index, so every error names both."""
+
+    def __init__(self, source: str, index: int):
+        self.source, self.index = source, index
+
+    def fail(self, field: str, expected: str, found: Any) -> None:
+        raise RecordError(self.source, self.index, field, expected, found)
+
+    def get(self, record: Mapping, key: str, path: str, required: bool = True) -> Any:
+        if key not in record:
+            if required:
+                self.fail(path, "a value (field is required)", "missing")
+            return None
+        return record[key]
+
+    def text(self, record: Mapping, key: str, path: str, allow_empty: bool = False) -> None:
+        value = self.get(record, key, path)
+        if not isinstance(value, str):
+            self.fail(path, "str", f"{type(value).__name__} {value!r}")
+        if not allow_empty and not value.strip():
+            self.fail(path, "non-empty text", value)
+
+    def integer(self, value: Any, path: str, low: int, high: int | None) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(path, "int", f"{type(value).__name__} {value!r}")
+        if value < low or (high is not None and value > high):
+            bound = f"int in {low}..{high}" if high is not None else f"int >= {low}"
+            self.fail(path, bound, value)
+
+    def floats(self, value: Any, path: str, length: int | None = None) -> None:
+        if not isinstance(value, list):
+            self.fail(path, "list[float]", f"{type(value).__name__} {value!r}")
+        for i, x in enumerate(value):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                self.fail(f"{path}[{i}]", "finite float", x)
+        if length is not None and len(value) != length:
+            self.fail(path, f"{length} floats", f"{len(value)} floats")
+
+    def grade_probs(self, value: Any, path: str) -> None:
+        self.floats(value, path, NUM_GRADES)
+        if min(value) < 0 or abs(sum(value) - 1.0) > 1e-3:
+            self.fail(path, "non-negative probabilities summing to 1", value)
+
+    def actions(self, value: Any, path: str) -> None:
+        if not isinstance(value, dict):
+            self.fail(path, "dict[str, int]", f"{type(value).__name__} {value!r}")
+        for name, flag in value.items():
+            if not isinstance(name, str) or not name:
+                self.fail(path, "non-empty str action names", name)
+            self.integer(flag, f"{path}.{name}", 0, 1)
+
+    def member(self, record: Mapping) -> None:
+        self.text(record, "member", "member", allow_empty=True)
+        self.floats(self.get(record, "member_features", "member_features"), "member_features")
+
+
+def validate_record(kind: str, record: Any, *, source: str, index: int) -> None:
+    """Raises ``RecordError`` unless ``record`` matches the schema of ``kind``."""
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
+    check = _Checker(source, index)
+    if not isinstance(record, dict):
+        check.fail("<record>", "a JSON object", f"{type(record).__name__}")
+    if kind == "chat":
+        messages = check.get(record, "messages", "messages")
+        if not isinstance(messages, list) or not messages:
+            check.fail("messages", "non-empty list of messages", messages)
+        for i, message in enumerate(messages):
+            path = f"messages[{i}]"
+            if not isinstance(message, dict):
+                check.fail(path, "an object with role and content", message)
+            check.text(message, "role", f"{path}.role")
+            if message["role"] not in CHAT_ROLES:
+                check.fail(f"{path}.role", f"one of {', '.join(CHAT_ROLES)}", message["role"])
+            check.text(message, "content", f"{path}.content")
+        return
+    check.text(record, "query", "query")
+    check.member(record)
+    if kind == "pointwise":
+        check.text(record, "document", "document")
+        check.integer(check.get(record, "grade", "grade"), "grade", 0, NUM_GRADES - 1)
+        if "grade_probs" in record:
+            check.grade_probs(record["grade_probs"], "grade_probs")
+    elif kind == "impressions":
+        check.text(record, "document", "document")
+        check.integer(check.get(record, "position", "position"), "position", 0, None)
+        check.actions(check.get(record, "actions", "actions"), "actions")
+    else:  # listwise
+        candidates = check.get(record, "candidates", "candidates")
+        if not isinstance(candidates, list) or not candidates:
+            check.fail("candidates", "non-empty list of candidates", candidates)
+        for i, candidate in enumerate(candidates):
+            path = f"candidates[{i}]"
+            if not isinstance(candidate, dict):
+                check.fail(path, "an object with document and grade", candidate)
+            check.text(candidate, "document", f"{path}.document")
+            check.integer(check.get(candidate, "grade", f"{path}.grade"), f"{path}.grade", 0, NUM_GRADES - 1)
+            if "grade_probs" in candidate:
+                check.grade_probs(candidate["grade_probs"], f"{path}.grade_probs")
+            if "position" in candidate:
+                check.integer(candidate["position"], f"{path}.position", 0, None)
+            if "actions" in candidate:
+                check.actions(candidate["actions"], f"{path}.actions")
+
+
+def schema_markdown() -> str:
+    """The record schemas as README-ready markdown (one table per kind)."""
+    parts = [
+        "## Record schemas",
+        "",
+        "One JSON object per record (a JSONL line or a Parquet row). Unknown keys are kept "
+        "but ignored. A record that breaks its schema fails naming the file, the record "
+        "index, the field, what was expected and what was found (or is skipped and counted "
+        "when `skip_malformed` is on).",
+        "",
+    ]
+    for kind, fields in SCHEMAS.items():
+        parts += [f"### `{kind}`", "", "| field | type | required | meaning |", "|---|---|---|---|"]
+        parts += [
+            f"| `{f.name}` | {f.type} | {'yes' if f.required else 'no'} | {f.description} |"
+            for f in fields
+        ]
+        parts.append("")
+    return "\n".join(parts)

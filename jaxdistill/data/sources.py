@@ -1,0 +1,221 @@
+"""Record datasets on disk: a tfds builder writing array_record, read back without TensorFlow.
+
+Storage path taken: **tfds**. Checked against tensorflow-datasets 4.9.10 with TensorFlow not
+installed: `GeneratorBasedBuilder.download_and_prepare()` with `file_format="array_record"`
+writes, and `tfds.builder_from_directory(dir).as_data_source(split)` (the directory form of
+`tfds.data_source`) reads, without importing TensorFlow, as long as every feature is flat.
+Nested ragged features (a list of candidates, each with its own list or dict of actions) need
+TensorFlow to serialise, and our records nest, and their action names vary by dataset. So each
+example has one tfds feature, `record`: the record as canonical JSON (sorted keys, UTF-8).
+The typed schema lives in `jaxdistill.data.records` and is checked on write and on read;
+tfds contributes the on-disk layout, `dataset_info.json` with split sizes, `metadata.json`
+(kind, per-split content hashes, skipped-record counts) and random access for grain.
+
+Writes are atomic: tfds writes into a staging directory next to the target (its own
+`incomplete.*` directory inside that), and only a finished dataset is renamed onto
+`out_dir`. A crash leaves at worst a hidden `.<name>.incomplete-*` directory, never a
+half dataset at `out_dir`.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from jaxdistill.data.records import KINDS, RecordError, validate_record
+
+FORMAT_VERSION = "1.0.0"
+
+
+def encode_record(record: Mapping[str, Any]) -> str:
+    """Canonical JSON for a record: the same record always gives the same bytes."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class RecordsBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
+    """tfds builder for jaxdistill records. Subclass, set `KIND`, implement `record_splits`.
+
+    A built-in workload subclasses this (its class name becomes the tfds dataset name) and
+    yields plain record dicts; validation, canonical encoding and content hashing happen here.
+    """
+
+    VERSION = tfds.core.Version(FORMAT_VERSION)
+    KIND: str = ""
+    SKIP_MALFORMED: bool = False
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # tfds' own lookup imports `importlib_resources`, which it does not install; the
+        # source file is all it needs (to look for a checksums file, which we never have).
+        return epath.Path(inspect.getfile(cls))
+
+    @abc.abstractmethod
+    def record_splits(self) -> Mapping[str, Iterable[Mapping[str, Any]]]:
+        """Split name -> records of kind `KIND`."""
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        if self.KIND not in KINDS:
+            raise ValueError(f"{type(self).__name__}.KIND is {self.KIND!r}; expected one of {KINDS}")
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"jaxdistill {self.KIND} records, one canonical JSON object per example.",
+            features=tfds.features.FeaturesDict({"record": tfds.features.Text()}),
+            metadata=tfds.core.MetadataDict(kind=self.KIND, content_sha256={}, skipped={}),
+            disable_shuffling=True,  # keep the written order; pipelines shuffle with a seed
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # everything is local
+        return {split: self._generate_examples(split, records)
+                for split, records in self.record_splits().items()}
+
+    def _generate_examples(self, split: str, records: Iterable[Mapping[str, Any]]):
+        digest, skipped, key = hashlib.sha256(), 0, 0
+        source = getattr(self, "source_name", None) or f"{self.name}[{split}]"
+        for index, record in enumerate(records):
+            try:
+                validate_record(self.KIND, record, source=source, index=index)
+            except RecordError:
+                if not self.SKIP_MALFORMED:
+                    raise
+                skipped += 1
+                continue
+            line = encode_record(record)
+            digest.update(line.encode())
+            digest.update(b"\n")
+            yield key, {"record": line}
+            key += 1
+        # metadata.json is written after all splits are generated, so these land on disk.
+        self.info.metadata["content_sha256"][split] = digest.hexdigest()
+        self.info.metadata["skipped"][split] = skipped
+
+
+class JaxdistillRecords(RecordsBuilder):
+    """The builder behind `write_dataset`: records handed in by the caller."""
+
+    def __init__(self, *, kind: str, splits: Mapping[str, Iterable], skip_malformed: bool,
+                 source_name: str | None, **kwargs):
+        self.KIND, self.SKIP_MALFORMED = kind, skip_malformed
+        self._record_splits, self.source_name = splits, source_name
+        super().__init__(**kwargs)
+
+    def record_splits(self):
+        return self._record_splits
+
+
+def write_dataset(
+    records: Iterable[Mapping[str, Any]] | Mapping[str, Iterable[Mapping[str, Any]]],
+    kind: str,
+    out_dir: str | os.PathLike,
+    *,
+    split: str = "train",
+    overwrite: bool = False,
+    skip_malformed: bool = False,
+    source_name: str | None = None,
+) -> Path:
+    """Validates and writes records of `kind` as an array_record dataset at `out_dir`.
+
+    `records` is either an iterable of record dicts (written as `split`) or a mapping from
+    split name to such iterables. Malformed records raise `RecordError` naming `source_name`
+    (default: the dataset name and split) and the record index, or are skipped and counted
+    in `metadata.json` with `skip_malformed`. Returns `out_dir`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
+    splits = dict(records) if isinstance(records, Mapping) else {split: records}
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = out_dir.parent / f".{out_dir.name}.incomplete-{uuid.uuid4().hex[:8]}"
+    try:
+        builder = JaxdistillRecords(kind=kind, splits=splits, skip_malformed=skip_malformed,
+                                  source_name=source_name, data_dir=os.fspath(stage),
+                                  file_format="array_record")
+        builder.download_and_prepare()
+        if out_dir.exists():  # overwrite: move the old dataset aside first, then swap in
+            trash = stage.with_name(stage.name + "-old")
+            os.rename(out_dir, trash)
+            os.rename(builder.data_dir, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(builder.data_dir, out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out_dir
+
+
+def dataset_info(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """Kind, split sizes, content hashes and skipped counts of a written dataset."""
+    builder = _builder(data_dir)
+    metadata = builder.info.metadata or {}
+    return {
+        "kind": metadata.get("kind"),
+        "splits": {name: info.num_examples for name, info in builder.info.splits.items()},
+        "content_sha256": dict(metadata.get("content_sha256", {})),
+        "skipped": dict(metadata.get("skipped", {})),
+    }
+
+
+def _builder(data_dir: str | os.PathLike):
+    path = Path(data_dir)
+    if not (path / "dataset_info.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a jaxdistill dataset (no dataset_info.json); write one with "
+            "`jaxdistill data prepare` or a built-in workload builder")
+    return tfds.builder_from_directory(os.fspath(path))
+
+
+class RecordSource:
+    """Random access to one split: `len(source)`, `source[i]` -> record dict.
+
+    Picklable (grain worker processes receive it). `name` is what errors cite.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str):
+        builder = _builder(data_dir)
+        if split not in builder.info.splits:
+            raise KeyError(f"{data_dir}: no split {split!r}; available: "
+                           f"{', '.join(builder.info.splits.keys())}")
+        self.kind: str = builder.info.metadata["kind"]
+        self.name = f"{os.fspath(data_dir)}[{split}]"
+        self._source = builder.as_data_source(split)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return json.loads(self._source[int(index)]["record"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"RecordSource({self.name}, kind={self.kind}, n={len(self)})"
+
+
+def open_source(data_dir: str | os.PathLike, split: str = "train") -> RecordSource:
+    """Opens `split` of the dataset at `data_dir` for random access (no TensorFlow)."""
+    return RecordSource(data_dir, split)
+
+
+def content_hash(records: Iterable[Mapping[str, Any]]) -> str:
+    """The sha256 that `write_dataset` stores for a split holding exactly `records`."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(encode_record(record).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
