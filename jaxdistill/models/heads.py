@@ -1,0 +1,87 @@
+"""Task heads over a backbone's pooled or per-token hidden states.
+
+- token_score: logits of a few fixed tokens through the decoder's output embedding, read at the
+  last real position only (e.g. ("No", "Yes") -> p_yes). Never full-vocabulary logits.
+- classifier: a dense layer to C logits (an encoder's relevance head uses C=2: ("No", "Yes")).
+- actions: K sigmoid logits (click, apply, dismiss, ...), optionally personalised by dense
+  member features concatenated to the pooled state.
+- projection: a learned map to another model's width, for hidden-state distillation.
+- lm: per-token hidden states and the output projection, for chunked token-level losses.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from pydantic import BaseModel, ConfigDict, Field
+
+from jaxdistill.models.layers import Linear
+
+
+class _Head(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenScoreHead(_Head):
+    type: Literal["token_score"] = "token_score"
+    token_ids: tuple[int, ...]
+
+
+class ClassifierHead(_Head):
+    type: Literal["classifier"] = "classifier"
+    classes: int = Field(ge=1)
+
+
+class ActionHead(_Head):
+    type: Literal["actions"] = "actions"
+    names: tuple[str, ...]
+    features: int = Field(default=0, ge=0)
+    hidden: int = Field(default=0, ge=0)
+
+
+class ProjectionHead(_Head):
+    type: Literal["projection"] = "projection"
+    out_dim: int = Field(ge=1)
+
+
+class LMHead(_Head):
+    type: Literal["lm"] = "lm"
+
+
+HeadConfig = Annotated[
+    TokenScoreHead | ClassifierHead | ActionHead | ProjectionHead | LMHead,
+    Field(discriminator="type"),
+]
+
+
+class Dense(nnx.Module):
+    """A head's dense layers: Linear, or Linear -> GELU -> Linear when `hidden` > 0."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int, axis: str | None, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.inner = Linear(d_in, hidden, ("embed", "mlp"), **kw) if hidden else None
+        self.out = Linear(hidden or d_in, d_out, ("mlp" if hidden else "embed", axis), **kw)
+
+    def __call__(self, x):
+        if self.inner is not None:
+            x = jax.nn.gelu(self.inner(x))
+        return self.out(x)
+
+
+def build_head(cfg: HeadConfig, width: int, *, param_dtype, rngs: nnx.Rngs) -> Dense | None:
+    """Parameters of a head (None for the parameter-free token_score and lm heads).
+
+    Heads are small; they compute in fp32 whatever the backbone's dtype.
+    """
+    kw = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    if isinstance(cfg, ClassifierHead):
+        return Dense(width, cfg.classes, 0, None, **kw)
+    if isinstance(cfg, ActionHead):
+        return Dense(width + cfg.features, len(cfg.names), cfg.hidden, "actions", **kw)
+    if isinstance(cfg, ProjectionHead):
+        return Dense(width, cfg.out_dim, 0, None, **kw)
+    return None

@@ -1,0 +1,205 @@
+"""Building blocks shared by the backbones: dense, embedding, norms, RoPE, attention, layer stacking.
+
+Every weight is an `nnx.Param` carrying `logical_axes` metadata; `jaxdistill.parallel` maps those
+names to mesh axes. Weights live in `param_dtype` (fp32 master weights for a student, bf16 for
+a frozen teacher) and are cast to the compute `dtype` where they are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdistill.parallel import constrain
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+RematPolicy = Literal["none", "full", "dots"]
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype: jnp.dtype,
+) -> nnx.Param:
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match weight shape {tuple(shape)}")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+def normal(stddev: float) -> Initializer:
+    return lambda key, shape, dtype: stddev * jax.random.normal(key, shape, dtype)
+
+
+def ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+def zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] (HF stores [out, in])."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        axes: tuple[str | None, str | None],
+        *,
+        use_bias: bool = False,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        stddev: float = 0.02,
+    ):
+        self.dtype = dtype
+        self.kernel = param(rngs, normal(stddev), (in_features, out_features), axes, param_dtype)
+        self.bias = (
+            param(rngs, zeros, (out_features,), (axes[1],), param_dtype) if use_bias else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding [vocab, embed]; `attend` reuses it as the output projection."""
+
+    def __init__(self, vocab_size: int, features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(
+            rngs, normal(0.02), (vocab_size, features), ("vocab", "embed"), param_dtype
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Llama/Qwen RMSNorm: normalise in fp32, scale in the input dtype."""
+
+    def __init__(self, features: int, *, eps: float, param_dtype, rngs: nnx.Rngs, axis="embed"):
+        self.eps = eps
+        self.scale = param(rngs, ones, (features,), (axis,), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """BERT LayerNorm with bias, statistics in fp32."""
+
+    def __init__(self, features: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, ones, (features,), ("embed",), param_dtype)
+        self.bias = param(rngs, zeros, (features,), ("embed",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (normed * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split layout (HF `rotate_half`), angles in fp32."""
+    head_dim = x_BxTxNxH.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
+    sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxTxNxH.dtype)
+
+
+def attention(
+    q_BxTxNxH: jax.Array,
+    k_BxTxKxH: jax.Array,
+    v_BxTxKxH: jax.Array,
+    *,
+    lengths_B: jax.Array,
+    causal: bool,
+    segment_ids_BxT: jax.Array | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Grouped-query attention over right-padded sequences (or packed segments)."""
+    if segment_ids_BxT is None:
+        return jax.nn.dot_product_attention(
+            q_BxTxNxH,
+            k_BxTxKxH,
+            v_BxTxKxH,
+            is_causal=causal,
+            key_value_seq_lengths=lengths_B,
+            implementation=implementation,
+        )
+    # Packed sequences: attend within a segment only; segment 0 is padding.
+    same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    same_BxTxT &= (segment_ids_BxT > 0)[:, None, :]
+    if causal:
+        t = q_BxTxNxH.shape[1]
+        same_BxTxT &= jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+    # Padding query rows would otherwise attend to nothing; let them see themselves.
+    same_BxTxT |= jnp.eye(q_BxTxNxH.shape[1], dtype=bool)[None]
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=same_BxTxT[:, None], implementation=implementation
+    )
+
+
+def remat_policy(name: RematPolicy):
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return None
+
+
+class Stack(nnx.Module):
+    """`depth` copies of a layer whose weights are stacked on a leading `layers` axis.
+
+    Applied with `jax.lax.scan`, so compile time does not grow with depth; each layer is
+    rematerialised by `remat` in the backward pass.
+    """
+
+    def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs):
+        keys = jax.random.split(rngs.params(), depth)
+
+        def init_one(key):
+            return nnx.split(make_layer(nnx.Rngs(params=key)))[1]
+
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_layer(nnx.Rngs(params=0))))
+        stacked = jax.vmap(init_one)(keys)
+        stacked = jax.tree.map(
+            lambda v: v.replace(logical_axes=("layers",) + v.get_metadata()["logical_axes"]),
+            stacked,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+        self.depth = depth
+        self.layer = nnx.merge(graphdef, stacked)
+
+    def __call__(self, x, *args, remat: RematPolicy = "none", **kwargs):
+        graphdef, stacked = nnx.split(self.layer)
+
+        def body(carry, layer_state):
+            layer = nnx.merge(graphdef, layer_state)
+            out = layer(carry, *args, **kwargs)
+            return constrain(out, ("batch", "seq", "embed")), None
+
+        if remat != "none":
+            body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, stacked)
+        return x
