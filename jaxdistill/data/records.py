@@ -146,7 +146,7 @@ def validate_record(kind: str, record: Any, *, source: str, index: int) -> None:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
     check = _Checker(source, index)
     if not isinstance(record, dict):
-        check.fail("<record>", "a JSON object", f"{type(record).__name__}")
+        check.fail("<record>", "a JSON object", record)
     if kind == "chat":
         messages = check.get(record, "messages", "messages")
         if not isinstance(messages, list) or not messages:

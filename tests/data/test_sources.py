@@ -1,0 +1,72 @@
+"""tfds array_record sources: round trip, atomic writes, no TensorFlow."""
+import sys
+
+import pytest
+
+from jaxdistill.data import sources
+from jaxdistill.data.records import RecordError
+
+
+def listwise_records(n):
+    return [{"query": f"query {i}", "member": "profile" if i % 2 else "", "member_features": [i, 0.5],
+             "candidates": [{"document": f"doc {i}.{j}", "grade": j % 5,
+                             "actions": {"click": j % 2}} for j in range(i % 3 + 1)]}
+            for i in range(n)]
+
+
+def test_round_trip_keeps_records_and_order(tmp_path):
+    train, test = listwise_records(7), listwise_records(3)
+    path = sources.write_dataset({"train": train, "test": test}, "listwise", tmp_path / "ds")
+    source = sources.open_source(path, "train")
+    assert source.kind == "listwise" and len(source) == 7
+    assert [source[i] for i in range(7)] == train
+    assert list(sources.open_source(path, "test")) == test
+    info = sources.dataset_info(path)
+    assert info["splits"] == {"train": 7, "test": 3}
+    assert info["content_sha256"]["train"] == sources.content_hash(train)
+    assert "tensorflow" not in sys.modules
+
+
+def test_crash_mid_write_leaves_no_dataset(tmp_path):
+    def crashing():
+        yield from listwise_records(3)
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        sources.write_dataset(crashing(), "listwise", tmp_path / "ds")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="not a jaxdistill dataset"):
+        sources.open_source(tmp_path / "ds", "train")
+
+
+def test_existing_dataset_is_kept_unless_overwrite(tmp_path):
+    path = sources.write_dataset(listwise_records(2), "listwise", tmp_path / "ds")
+    with pytest.raises(FileExistsError):
+        sources.write_dataset(listwise_records(4), "listwise", path)
+    sources.write_dataset(listwise_records(4), "listwise", path, overwrite=True)
+    assert len(sources.open_source(path)) == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_malformed_record_fails_or_is_counted(tmp_path):
+    records = listwise_records(4)
+    records[2]["candidates"][0]["grade"] = 7
+    with pytest.raises(RecordError, match=r"gen: record 2: field 'candidates\[0\].grade'"):
+        sources.write_dataset(records, "listwise", tmp_path / "a", source_name="gen")
+    assert not (tmp_path / "a").exists()
+    path = sources.write_dataset(records, "listwise", tmp_path / "b", skip_malformed=True)
+    assert len(sources.open_source(path)) == 3
+    assert sources.dataset_info(path)["skipped"] == {"train": 1}
+
+
+def test_builder_subclass_is_a_tfds_builder(tmp_path):
+    class TinyJobs(sources.RecordsBuilder):
+        KIND = "chat"
+
+        def record_splits(self):
+            return {"train": [{"messages": [{"role": "user", "content": "hi"}]}]}
+
+    builder = TinyJobs(data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare()
+    source = sources.open_source(builder.data_dir, "train")
+    assert source[0]["messages"][0]["content"] == "hi"
