@@ -36,6 +36,7 @@ import grain
 import grain.experimental
 import jax
 import numpy as np
+from absl import flags
 
 from jaxdistill.data.records import NUM_GRADES, RecordError, validate_record
 
@@ -287,6 +288,9 @@ def make_dataset(
     iter_dataset = iter_dataset.batch(batch_size, drop_remainder=drop_remainder)
     iter_dataset = iter_dataset.map(_finish_batch)
     if worker_count:
+        # grain's worker start-up reads absl flags; outside an absl app nobody parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)))
     return iter_dataset

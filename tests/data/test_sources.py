@@ -1,4 +1,5 @@
 """tfds array_record sources: round trip, atomic writes, no TensorFlow."""
+import json
 import sys
 
 import pytest
@@ -70,3 +71,50 @@ def test_builder_subclass_is_a_tfds_builder(tmp_path):
     builder.download_and_prepare()
     source = sources.open_source(builder.data_dir, "train")
     assert source[0]["messages"][0]["content"] == "hi"
+
+
+POINTWISE = [{"query": f"q{i}", "document": f"doc {i}", "member": "", "member_features": [0.5],
+              "grade": i % 5} for i in range(4)]
+
+
+def test_prepare_jsonl(tmp_path):
+    from jaxdistill.data.prepare import prepare
+
+    lines = [json.dumps(r) for r in POINTWISE]
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(lines) + "\n")
+    report = prepare(good, "pointwise", tmp_path / "out")
+    assert (report.written, report.skipped) == (4, 0)
+    assert list(sources.open_source(tmp_path / "out")) == POINTWISE
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([lines[0], "{not json", lines[2].replace('"grade": 2', '"grade": 8')]))
+    with pytest.raises(RecordError, match=rf"^{bad}: record 1: field '<record>': expected a JSON"):
+        prepare(bad, "pointwise", tmp_path / "bad_out")
+    assert not (tmp_path / "bad_out").exists()
+    report = prepare(bad, "pointwise", tmp_path / "skipped_out", skip_malformed=True)
+    assert (report.written, report.skipped) == (1, 2)
+
+
+def test_prepare_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from jaxdistill.data.prepare import prepare
+
+    records = [{"query": "nurse", "member": "", "member_features": [1.0, 2.0],
+                "document": "ICU nurse", "position": i, "actions": {"click": i % 2, "apply": 0}}
+               for i in range(3)]
+    table = pa.Table.from_pylist(records, schema=pa.schema([
+        ("query", pa.string()), ("member", pa.string()), ("member_features", pa.list_(pa.float32())),
+        ("document", pa.string()), ("position", pa.int64()),
+        ("actions", pa.map_(pa.string(), pa.int64()))]))
+    pq.write_table(table, tmp_path / "impressions.parquet")
+    report = prepare(tmp_path / "impressions.parquet", "impressions", tmp_path / "out")
+    assert report.written == 3
+    assert list(sources.open_source(tmp_path / "out")) == records
+
+    records[1]["position"] = -3
+    pq.write_table(pa.Table.from_pylist(records, schema=table.schema), tmp_path / "bad.parquet")
+    with pytest.raises(RecordError, match=r"bad\.parquet: record 1: field 'position'"):
+        prepare(tmp_path / "bad.parquet", "impressions", tmp_path / "bad_out")
