@@ -1,0 +1,184 @@
+"""Multi-teacher objectives: which teacher output feeds which student head, by which loss, how much.
+
+An objective is a list of named terms. A distillation term reads `teacher.output` (computed
+online in the fused step, or precomputed and carried in the batch under
+`batch["offline"][teacher][output]`) and the student's head output; a label term reads a batch
+key instead of a teacher. Each term's value is reported under `loss/<name>`; the total is
+`sum_k weight_k(step) * term_k`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jaxdistill.distill import losses
+
+Transform = Literal["log_odds", "yes_prob"]
+
+
+class WeightSchedule(BaseModel):
+    """A loss weight over steps: constant, or linear/cosine from `start` to `end` in `steps`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["constant", "linear", "cosine"] = "constant"
+    start: float = Field(default=1.0, ge=0)
+    end: float = Field(default=1.0, ge=0)
+    steps: int = Field(default=1, ge=1)
+
+    def __call__(self, step: jax.Array) -> jax.Array:
+        if self.kind == "constant":
+            return jnp.asarray(self.start, jnp.float32)
+        frac = jnp.clip(step.astype(jnp.float32) / self.steps, 0.0, 1.0)
+        if self.kind == "cosine":
+            frac = 0.5 * (1.0 - jnp.cos(math.pi * frac))
+        return self.start + (self.end - self.start) * frac
+
+
+class Term(BaseModel):
+    """One loss term. Exactly one of `teacher` (distillation) or `label` (hard label) is set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    loss: str
+    student: str = Field(description="student head name (output key)")
+    teacher: str | None = None
+    teacher_output: str | None = Field(default=None, description="defaults to `student`")
+    label: str | None = Field(default=None, description="batch key holding the hard label")
+    mask: str | None = Field(default=None, description="batch key of a 0/1 mask")
+    transform: Transform | None = Field(
+        default=None, description="applied to both sides' [..., 2] (No, Yes) logits first"
+    )
+    weight: float | WeightSchedule = 1.0
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    confidence_label: str | None = Field(
+        default=None,
+        description="weight each example by the teacher's probability of this batch label",
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.teacher is None) == (self.label is None):
+            raise ValueError(f"term {self.name!r}: set exactly one of 'teacher' or 'label'")
+        if self.loss not in losses.LOSSES:
+            raise ValueError(
+                f"term {self.name!r}: unknown loss {self.loss!r}; known: {sorted(losses.LOSSES)}"
+            )
+        losses.check_hparams(self.loss, dict(self.hparams))
+        if isinstance(self.weight, float | int) and self.weight < 0:
+            raise ValueError(f"term {self.name!r}: weight must be >= 0, got {self.weight}")
+        if self.confidence_label is not None and self.teacher is None:
+            raise ValueError(f"term {self.name!r}: confidence_label needs a teacher")
+        return self
+
+    @property
+    def source_output(self) -> str:
+        return self.teacher_output or self.student
+
+    def weight_at(self, step: jax.Array) -> jax.Array:
+        if isinstance(self.weight, WeightSchedule):
+            return self.weight(step)
+        return jnp.asarray(self.weight, jnp.float32)
+
+
+def apply_transform(x: jax.Array, transform: Transform | None) -> jax.Array:
+    """(No, Yes) logits -> log-odds score or p(Yes)."""
+    if transform is None:
+        return x
+    if x.shape[-1] != 2:
+        raise ValueError(f"transform {transform!r} needs [..., 2] (No, Yes) logits, got {x.shape}")
+    log_odds = x[..., 1].astype(jnp.float32) - x[..., 0].astype(jnp.float32)
+    return log_odds if transform == "log_odds" else jax.nn.sigmoid(log_odds)
+
+
+def confidence_weights(teacher_logits: jax.Array, labels: jax.Array, mask: jax.Array | None):
+    """Per-example weight = the teacher's probability of the observed label, mean 1 over the batch.
+
+    Binary logits [..., K] with 0/1 labels: a per-entry weight; class logits [..., C] with integer
+    labels: a per-row weight. Never differentiated.
+    """
+    logits = teacher_logits.astype(jnp.float32)
+    if labels.shape == logits.shape:  # binary / multi-label
+        p = jax.nn.sigmoid(logits)
+        agreement = jnp.where(labels > 0.5, p, 1.0 - p)
+    else:
+        probs = jax.nn.softmax(logits, axis=-1)
+        agreement = jnp.take_along_axis(probs, labels[..., None].astype(jnp.int32), -1)[..., 0]
+    valid = jnp.ones_like(agreement) if mask is None else jnp.broadcast_to(mask, agreement.shape)
+    valid = valid.astype(jnp.float32)
+    mean = jnp.sum(agreement * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+    return jax.lax.stop_gradient(agreement * valid / jnp.maximum(mean, 1e-6))
+
+
+def _lookup(batch: Mapping[str, Any], key: str, term: str):
+    if key not in batch:
+        raise KeyError(f"term {term!r} reads batch key {key!r}, batch has {sorted(batch)}")
+    return batch[key]
+
+
+def teacher_output(teacher_outputs, batch, term: Term):
+    """A term's teacher side: online outputs first, then the batch's offline cache."""
+    if term.teacher in teacher_outputs:
+        outputs = teacher_outputs[term.teacher]
+    else:
+        offline = batch.get("offline", {})
+        if term.teacher not in offline:
+            raise KeyError(
+                f"term {term.name!r}: teacher {term.teacher!r} is neither online nor in "
+                f"batch['offline'] (offline teachers: {sorted(offline)})"
+            )
+        outputs = offline[term.teacher]
+    if term.source_output not in outputs:
+        raise KeyError(
+            f"term {term.name!r}: teacher {term.teacher!r} has no output {term.source_output!r} "
+            f"(it has {sorted(outputs)})"
+        )
+    return outputs[term.source_output]
+
+
+def compute_objective(
+    terms: tuple[Term, ...],
+    student_outputs: Mapping[str, Any],
+    teacher_outputs: Mapping[str, Mapping[str, Any]],
+    batch: Mapping[str, Any],
+    step: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted total loss and each term's (unweighted) value under `loss/<name>`."""
+    total = jnp.zeros((), jnp.float32)
+    metrics = {}
+    for term in terms:
+        if term.student not in student_outputs:
+            raise KeyError(
+                f"term {term.name!r}: student has no head {term.student!r} "
+                f"(it has {sorted(student_outputs)})"
+            )
+        student = student_outputs[term.student]
+        mask = None if term.mask is None else _lookup(batch, term.mask, term.name)
+        if term.teacher is not None:
+            target = jax.lax.stop_gradient(teacher_output(teacher_outputs, batch, term))
+            if term.confidence_label is not None:
+                labels = _lookup(batch, term.confidence_label, term.name)
+                mask = confidence_weights(target, labels, mask)
+        else:
+            target = _lookup(batch, term.label, term.name)
+        if term.loss == "token_kl":
+            (s_hidden, s_unembed), (t_hidden, t_unembed) = student, target
+            value = losses.chunked_token_kl(
+                s_hidden, s_unembed, t_hidden, t_unembed, mask, **term.hparams
+            )
+        else:
+            student = apply_transform(student, term.transform)
+            if term.teacher is not None:
+                target = apply_transform(target, term.transform)
+            value = losses.LOSSES[term.loss](student, target, mask, **term.hparams)
+        metrics[f"loss/{term.name}"] = value
+        total = total + term.weight_at(step) * value
+    metrics["loss/total"] = total
+    return total, metrics
