@@ -342,7 +342,7 @@ class JobSearchWorld:
         return tuple(sorted(skills))
 
     def _member(self, i: int, rng: np.random.Generator) -> Member:
-        function = _draw((0.2, 0.12, 0.08, 0.08, 0.07, 0.08, 0.1, 0.08, 0.06, 0.07, 0.06), rng)
+        function = _draw(FUNCTION_PROBS, rng)
         level = _draw((0.25, 0.35, 0.28, 0.12), rng)
         lo, hi = LEVEL_YEARS[level]
         return Member(
@@ -626,7 +626,9 @@ def generate_splits(config: JobSearchConfig, judge: judge_lib.Judge | None = Non
     """Train / validation / test / golden records; queries (and members) disjoint by split.
 
     Labels come from `judge` (default: the rule oracle over `config.policy_path`); the golden
-    set always holds the oracle's grades with annotator noise.
+    set always holds the oracle's grades with annotator noise (grade_probs one-hot of the
+    noisy grade; the clean grade is in hidden["oracle_grade"]). Laptop preset: 3000 / 400 /
+    400 / 300 queries of 10 candidates, about 2 s; full: 50k / 5k / 5k / 250 of 20, about 1 min.
     """
     policy = judge.policy if judge is not None else judge_lib.load_policy(config.policy_path)
     judge = judge or judge_lib.RuleOracleJudge(policy)
