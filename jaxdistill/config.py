@@ -1,0 +1,305 @@
+"""Experiment configs: YAML files validated by a typed schema, composed from a base, overridden.
+
+One schema per concern (model, teachers, objective, data, optimizer, trainer, mesh,
+checkpoint, logging), composed into `Experiment`. A file may name `base:` (a path relative to
+itself); the file's keys are merged over the base's, recursively for mappings. `--set a.b=c`
+overrides are applied last, with values parsed as YAML scalars.
+
+Errors name the file, the dotted key path, what was expected and what was found; an unknown
+key comes with the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jaxdistill.distill.objectives import Term
+from jaxdistill.distill.step import OptimizerConfig
+from jaxdistill.models.model import ModelConfig
+from jaxdistill.parallel import DEFAULT_RULES
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message is meant for the user as is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(ModelConfig):
+    """The model being trained. `init`: "scratch", "hf:DIR" (HF import) or "run:DIR" (a finished
+    run of ours); `warm_start`: "run:DIR" copies every weight whose shape allows (fewer layers
+    take the source's evenly spaced layers; narrower dims take the leading slice)."""
+
+    init: str = "scratch"
+    warm_start: str | None = None
+
+    @model_validator(mode="after")
+    def _check_sources(self):
+        _check_source(self.init, ("scratch", "hf:", "run:"), "model.init")
+        if self.warm_start is not None:
+            _check_source(self.warm_start, ("run:", "hf:"), "model.warm_start")
+        return self
+
+
+class TeacherSection(_Section):
+    """A frozen teacher: `source` is "run:DIR", "hf:DIR" (needs `heads`) or "offline:DIR"
+    (outputs precomputed by `jaxdistill cache-teacher`)."""
+
+    source: str
+    heads: dict[str, Any] | None = None
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    inputs: str | None = Field(
+        default=None, description="batch key of this teacher's own tokenised inputs"
+    )
+
+    @model_validator(mode="after")
+    def _check_sources(self):
+        _check_source(self.source, ("run:", "hf:", "offline:"), "teachers.<name>.source")
+        return self
+
+
+class DataSection(_Section):
+    """Where examples come from and how they become batches (see jaxdistill.data.pipeline)."""
+
+    path: str = Field(description="dataset directory written by `data prepare` or a builder")
+    train_split: str = "train"
+    eval_split: str | None = "validation"
+    kind: Literal["pointwise", "listwise", "impressions", "chat"]
+    tokenizer: str = Field(description="local HF tokenizer directory or 'builtin:...'")
+    max_len: int = Field(default=128, ge=2)
+    batch_size: int = Field(default=32, ge=1)
+    list_size: int | None = Field(default=None, ge=1)
+    action_names: tuple[str, ...] = ()
+    member_features_dim: int | None = Field(default=None, ge=0)
+    pack: bool = False
+    shuffle: bool = True
+    worker_count: int = Field(default=0, ge=0)
+    prefetch: int = Field(default=2, ge=0)
+    skip_malformed: bool = False
+
+
+class TrainerSection(_Section):
+    steps: int = Field(default=1000, ge=1)
+    micro_batches: int = Field(default=1, ge=1)
+    log_every: int = Field(default=50, ge=1)
+    eval_every: int = Field(default=500, ge=1)
+    eval_batches: int = Field(default=8, ge=1)
+    progress: bool = True
+
+
+class MeshSection(_Section):
+    shape: tuple[int, int, int] = (-1, 1, 1)
+    rules: dict[str, str | tuple[str, ...] | None] = Field(
+        default_factory=lambda: dict(DEFAULT_RULES)
+    )
+
+
+class KeepBest(_Section):
+    metric: str
+    mode: Literal["min", "max"] = "min"
+
+
+class CheckpointSection(_Section):
+    every: int = Field(default=500, ge=1)
+    max_to_keep: int = Field(default=3, ge=1)
+    keep_best: KeepBest | None = None
+    async_save: bool = True
+
+
+class LoggingSection(_Section):
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str | None = None
+
+
+class Experiment(_Section):
+    """One run: train a model on labels (no teachers) or distil a student from teachers."""
+
+    name: str
+    seed: int = 0
+    policy: str | None = Field(default=None, description="product policy document; its hash is recorded")
+    model: ModelSection
+    teachers: dict[str, TeacherSection] = Field(default_factory=dict)
+    objective: tuple[Term, ...] = Field(min_length=1)
+    data: DataSection
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    trainer: TrainerSection = Field(default_factory=TrainerSection)
+    mesh: MeshSection = Field(default_factory=MeshSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @model_validator(mode="after")
+    def _check_references(self):
+        for i, term in enumerate(self.objective):
+            if term.teacher is not None and term.teacher not in self.teachers:
+                raise ValueError(
+                    f"objective[{i}] ({term.name!r}) names teacher {term.teacher!r}, "
+                    f"but teachers are {sorted(self.teachers)}"
+                )
+            if term.student not in self.model.heads and term.student != "pooled":
+                raise ValueError(
+                    f"objective[{i}] ({term.name!r}) reads student head {term.student!r}, "
+                    f"but model.heads are {sorted(self.model.heads)}"
+                )
+        names = [t.name for t in self.objective]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objective term names must be unique, got {names}")
+        return self
+
+
+def _check_source(value: str, prefixes: Sequence[str], key: str) -> None:
+    if not any(value == p or (p.endswith(":") and value.startswith(p)) for p in prefixes):
+        raise ValueError(f"{key} must be one of {list(prefixes)} (prefix + path), got {value!r}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: Path, *, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping with its `base:` chain merged in (paths relative to each file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in seen + (path.resolve(),))
+        raise ConfigError(f"{path}: circular base: {chain}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_data = read_yaml(path.parent / base, seen=seen + (path.resolve(),))
+    return merge(base_data, data)
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive merge of mappings; anything else in `override` replaces the base's value."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`a.b.c=value` assignments, values parsed as YAML (`3`, `true`, `[1, 2]`, `null`)."""
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from None
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(
+                    f"--set {item!r}: {'.'.join(parts[:i + 1])} is a {type(child).__name__}, "
+                    "not a mapping"
+                )
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides)
+    return validate(data, source=str(path))
+
+
+def validate(data: Mapping[str, Any], *, source: str) -> Experiment:
+    try:
+        return Experiment.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_errors(err, data, source)) from None
+
+
+def format_errors(err: pydantic.ValidationError, data: Mapping[str, Any], source: str) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} error(s))"]
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not _is_union_tag(p)]
+        key = ".".join(str(p) for p in loc) or "<top>"
+        if e["type"] == "extra_forbidden":
+            hint = _nearest_key(loc)
+            lines.append(f"  {key}: unknown key{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            found = e.get("input")
+            found_text = repr(found) if not isinstance(found, Mapping) else "a mapping"
+            lines.append(f"  {key}: {e['msg']} (found {found_text})")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts union member tags (e.g. 'decoder', 'function-after[...]') into locations.
+    return isinstance(part, str) and ("[" in part or part in ("decoder", "encoder"))
+
+
+def _nearest_key(loc: Sequence[Any]) -> str:
+    model: type[BaseModel] | None = Experiment
+    for part in loc[:-1]:
+        model = _child_model(model, part)
+        if model is None:
+            return ""
+    if model is None:
+        return ""
+    valid = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _child_model(model: type[BaseModel] | None, part: Any) -> type[BaseModel] | None:
+    if model is None or isinstance(part, int):
+        return model
+    field = model.model_fields.get(part)
+    if field is None:
+        return None
+    return _first_model(field.annotation)
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    metadata_origin = getattr(annotation, "__origin__", None)
+    return _first_model(metadata_origin) if metadata_origin not in (None, annotation) else None
+
+
+def resolved_yaml(cfg: Experiment) -> str:
+    """The fully resolved config, as written into every run directory."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def file_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
