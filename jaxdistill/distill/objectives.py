@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from jaxdistill.distill import losses
 
 Transform = Literal["log_odds", "yes_prob"]
+LabelTransform = Literal["grades_to_yes_no", "float"]
 
 
 class WeightSchedule(BaseModel):
@@ -55,6 +56,9 @@ class Term(BaseModel):
     mask: str | None = Field(default=None, description="batch key of a 0/1 mask")
     transform: Transform | None = Field(
         default=None, description="applied to both sides' [..., 2] (No, Yes) logits first"
+    )
+    label_transform: LabelTransform | None = Field(
+        default=None, description="applied to a hard label before the loss (see label_view)"
     )
     weight: float | WeightSchedule = 1.0
     hparams: dict[str, Any] = Field(default_factory=dict)
@@ -96,6 +100,23 @@ def apply_transform(x: jax.Array, transform: Transform | None) -> jax.Array:
         raise ValueError(f"transform {transform!r} needs [..., 2] (No, Yes) logits, got {x.shape}")
     log_odds = x[..., 1].astype(jnp.float32) - x[..., 0].astype(jnp.float32)
     return log_odds if transform == "log_odds" else jax.nn.sigmoid(log_odds)
+
+
+def label_view(label: jax.Array, transform: LabelTransform | None) -> jax.Array:
+    """A label as a loss target.
+
+    grades_to_yes_no: a distribution over policy grades [..., G] -> (No, Yes) log-probabilities
+    [..., 2] with p(Yes) = expected grade / (G - 1), the target a two-token relevance head is
+    trained on from the judge's soft labels. float: integer grades as float scores (listwise).
+    """
+    if transform is None:
+        return label
+    if transform == "float":
+        return label.astype(jnp.float32)
+    grades = label.shape[-1]
+    values = jnp.arange(grades, dtype=jnp.float32) / (grades - 1)
+    p_yes = jnp.clip(jnp.sum(label.astype(jnp.float32) * values, axis=-1), 1e-6, 1 - 1e-6)
+    return jnp.log(jnp.stack([1.0 - p_yes, p_yes], axis=-1))
 
 
 def confidence_weights(teacher_logits: jax.Array, labels: jax.Array, mask: jax.Array | None):
@@ -167,7 +188,7 @@ def compute_objective(
                 labels = _lookup(batch, term.confidence_label, term.name)
                 mask = confidence_weights(target, labels, mask)
         else:
-            target = _lookup(batch, term.label, term.name)
+            target = label_view(_lookup(batch, term.label, term.name), term.label_transform)
         if term.loss == "token_kl":
             (s_hidden, s_unembed), (t_hidden, t_unembed) = student, target
             value = losses.chunked_token_kl(
