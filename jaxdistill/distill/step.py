@@ -161,8 +161,20 @@ def init_sharded_state(distiller: Distiller, seed: int, mesh: Mesh, rules: paral
         params = distiller.student.init(seed, mesh, rules)
     else:
         params = jax.device_put(params, param_shardings)
-    # Optimizer moments inherit the params' shardings through propagation.
-    return jax.jit(distiller.init_state, in_shardings=(param_shardings,))(params)
+    # Moments are zeros_like(params): nothing ties them to the params' shardings (XLA
+    # replicates them), so each param-shaped subtree of the optimizer state gets them explicitly.
+    abstract = jax.eval_shape(distiller.init_state, params)
+    opt_shardings = optax.tree_map_params(
+        distiller.optimizer, lambda _, sharding: sharding, abstract["opt_state"], param_shardings,
+        transform_non_params=lambda _: _replicated(mesh),
+    )
+    out_shardings = {
+        "params": param_shardings, "opt_state": opt_shardings,
+        "step": _replicated(mesh), "skipped": _replicated(mesh),
+    }
+    return jax.jit(
+        distiller.init_state, in_shardings=(param_shardings,), out_shardings=out_shardings
+    )(params)
 
 
 def state_shardings(state: State):
