@@ -138,7 +138,8 @@ class Decoder(nnx.Module):
         """Final-norm hidden states [B, T, D] of right-padded (or packed) sequences."""
         del token_type_ids_BxT  # decoders have no segment embedding
         b, t = input_ids_BxT.shape
-        lengths_B = jnp.sum(attention_mask_BxT, axis=-1).astype(jnp.int32)
+        # An all-padding row (a padded list slot) still attends to its first token: no NaNs.
+        lengths_B = jnp.maximum(jnp.sum(attention_mask_BxT, axis=-1), 1).astype(jnp.int32)
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x_BxTxD = constrain(self.embed(input_ids_BxT), ("batch", "seq", "embed"))

@@ -125,5 +125,6 @@ class Encoder(nnx.Module):
             + jnp.take(self.token_type_embedding[...], token_type_ids_BxT, axis=0).astype(dt)
         )
         x_BxTxD = constrain(self.embed_norm(x_BxTxD), ("batch", "seq", "embed"))
-        lengths_B = jnp.sum(attention_mask_BxT, axis=-1).astype(jnp.int32)
+        # An all-padding row (a padded list slot) still attends to its first token: no NaNs.
+        lengths_B = jnp.maximum(jnp.sum(attention_mask_BxT, axis=-1), 1).astype(jnp.int32)
         return self.layers(x_BxTxD, lengths_B, remat=self.cfg.remat)
