@@ -1,0 +1,818 @@
+"""HF transformers checkpoints <-> jaxdistill models: configs, safetensors import, export, tokenizers.
+
+Import (`load_hf`) reads `*.safetensors` (single file or sharded with
+`model.safetensors.index.json`) and builds every weight with `jax.make_array_from_callback`
+directly in the sharding the logical-axis rules give it: each device's callback reads only its
+slice of the checkpoint (per layer for the stacked `layers` axis), so no process ever holds a
+full host copy of a weight per device. Linear weights are transposed (HF stores [out, in], we
+store [in, out]); per-layer tensors are stacked on the leading `layers` axis.
+
+Export (`export_hf`) writes a directory transformers loads with `AutoModel` /
+`AutoModelForCausalLM`: `config.json` from transformers' own config class, `model.safetensors`
+with HF names and layouts, the tokenizer files, and our task heads in the side files
+`jaxdistill_heads.json` + `jaxdistill_heads.safetensors` (transformers ignores them; `load_hf`
+reads them back, so import -> export -> import is bit-identical).
+
+Pickle-based checkpoints (`*.bin`, `*.pt`) run arbitrary code when unpickled and are refused
+unless the caller passes `allow_pickle=True` (CLI: `--allow-pickle`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pydantic
+from flax import nnx
+from jax.sharding import SingleDeviceSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxdistill import parallel
+from jaxdistill.models.decoder import DecoderConfig
+from jaxdistill.models.encoder import EncoderConfig
+from jaxdistill.models.heads import ActionHead, TokenScoreHead, build_head
+from jaxdistill.models.model import ModelConfig, Params, count_params, functional
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "bert")
+HEADS_JSON = "jaxdistill_heads.json"
+HEADS_WEIGHTS = "jaxdistill_heads.safetensors"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    "bert": "BertModel",
+}
+# Checkpoint tensors that carry nothing our backbones use. BERT's pooler and MLM/NSP heads are
+# pre-training heads; our task heads replace them.
+_IGNORED = {
+    "decoder": (r".*rotary_emb\.inv_freq",),
+    "encoder": (r"pooler\..*", r"cls\..*", r"embeddings\.position_ids"),
+}
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "chat_template.jinja", "chat_template.json",
+)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _read_config(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict, str]:
+    """The raw config dict and a name for messages (the file path, or '<dict>')."""
+    if isinstance(source, Mapping):
+        return dict(source), "<config dict>"
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected an HF model directory")
+    with open(path) as f:
+        return json.load(f), os.fspath(path)
+
+
+def detect_family(hf_dir: str | os.PathLike | Mapping[str, Any]) -> str:
+    """`llama`, `qwen2`, `qwen3` or `bert` from config.json's `model_type` (MiniLM is `bert`)."""
+    raw, where = _read_config(hf_dir)
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"{where}: model_type {model_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_FAMILIES)}"
+        )
+    return model_type
+
+
+def _rope_theta(hf: dict, where: str) -> float:
+    """RoPE base from transformers 5 `rope_parameters` or the older `rope_theta`/`rope_scaling`."""
+    params = hf.get("rope_parameters") or {}
+    if params and all(isinstance(v, Mapping) for v in params.values()):
+        raise ValueError(f"{where}: per-layer-type rope_parameters {params} are not supported")
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") \
+        or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ValueError(
+            f"{where}: RoPE scaling type {rope_type!r} is not supported (supported: 'default', "
+            "plain RoPE); loading it as plain RoPE would silently change the model"
+        )
+    return float(params.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
+
+
+def config_from_hf(
+    source: str | os.PathLike | Mapping[str, Any], **overrides
+) -> DecoderConfig | EncoderConfig:
+    """Our backbone config for an HF config.json (a directory or its dict).
+
+    The dict goes through transformers' own config class first, so defaults and legacy keys
+    resolve exactly as transformers resolves them when it builds the model. `overrides` set
+    our numerics and options (dtype, param_dtype, remat, attention_impl, pooling for encoders).
+    """
+    raw, where = _read_config(source)
+    family = detect_family(raw)
+    from transformers import AutoConfig
+
+    hf = AutoConfig.for_model(**raw).to_dict()
+    try:
+        return _backbone_config(hf, family, where, overrides)
+    except pydantic.ValidationError as err:
+        raise ValueError(f"{where}: does not give a valid {family} backbone: {err}") from None
+
+
+def _backbone_config(hf: dict, family: str, where: str, overrides: dict):
+    if family == "bert":
+        if hf.get("hidden_act") != "gelu":
+            raise ValueError(f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported; "
+                             "the encoder implements BERT's exact 'gelu'")
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{where}: position_embedding_type "
+                             f"{hf['position_embedding_type']!r} is not supported ('absolute' only)")
+        return EncoderConfig(
+            vocab_size=hf["vocab_size"], hidden=hf["hidden_size"], layers=hf["num_hidden_layers"],
+            heads=hf["num_attention_heads"], mlp=hf["intermediate_size"],
+            max_positions=hf["max_position_embeddings"], type_vocab_size=hf["type_vocab_size"],
+            norm_eps=hf["layer_norm_eps"], **overrides,
+        )
+    if hf.get("hidden_act") != "silu":
+        raise ValueError(f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported ('silu')")
+    if hf.get("mlp_bias"):
+        raise ValueError(f"{where}: mlp_bias=true is not supported (no MLP biases in the decoder)")
+    if hf.get("use_sliding_window") or any(
+        t != "full_attention" for t in hf.get("layer_types") or ()
+    ):
+        raise ValueError(f"{where}: sliding-window attention is not supported (full attention only)")
+    if family == "qwen2":
+        attention_bias = True  # Qwen2 always has q/k/v biases and no o_proj bias.
+    elif hf.get("attention_bias"):
+        # Llama/Qwen3 put the bias on o_proj too, which our decoder does not have.
+        raise ValueError(f"{where}: attention_bias=true is not supported for {family} "
+                         "(it adds an o_proj bias the decoder does not implement)")
+    else:
+        attention_bias = False
+    heads = hf["num_attention_heads"]
+    return DecoderConfig(
+        family=family, vocab_size=hf["vocab_size"], hidden=hf["hidden_size"],
+        layers=hf["num_hidden_layers"], heads=heads,
+        kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp=hf["intermediate_size"],
+        rope_theta=_rope_theta(hf, where), norm_eps=hf["rms_norm_eps"],
+        qk_norm=family == "qwen3", attention_bias=attention_bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings")), **overrides,
+    )
+
+
+def _hf_config_dict(backbone: DecoderConfig | EncoderConfig, dtype: str) -> dict:
+    """transformers' config for our backbone, as the dict that config.json holds."""
+    import transformers
+
+    if isinstance(backbone, EncoderConfig):
+        cfg = transformers.BertConfig(
+            vocab_size=backbone.vocab_size, hidden_size=backbone.hidden,
+            num_hidden_layers=backbone.layers, num_attention_heads=backbone.heads,
+            intermediate_size=backbone.mlp, hidden_act="gelu",
+            max_position_embeddings=backbone.max_positions,
+            type_vocab_size=backbone.type_vocab_size, layer_norm_eps=backbone.norm_eps,
+        )
+    else:
+        cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+               "qwen3": transformers.Qwen3Config}[backbone.family]
+        extra = {"attention_bias": False} if backbone.family != "qwen2" else {}
+        cfg = cls(
+            vocab_size=backbone.vocab_size, hidden_size=backbone.hidden,
+            num_hidden_layers=backbone.layers, num_attention_heads=backbone.heads,
+            num_key_value_heads=backbone.kv_heads, head_dim=backbone.head_dim,
+            intermediate_size=backbone.mlp, hidden_act="silu", rms_norm_eps=backbone.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": backbone.rope_theta},
+            tie_word_embeddings=backbone.tie_embeddings, **extra,
+        )
+    cfg.architectures = [_ARCHITECTURES[backbone.family]]
+    cfg.dtype = dtype
+    return cfg.to_dict()
+
+
+# ----------------------------------------------------------------------------- name map
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One of our weights and its HF tensor(s): `hf` has `{i}` for per-layer tensors."""
+
+    path: tuple[str, ...]  # into params["backbone"]
+    hf: str  # canonical HF name (no `model.` / `bert.` prefix)
+    linear: bool = False  # HF [out, in] <-> our [in, out]
+
+    @property
+    def stacked(self) -> bool:
+        return self.path[0] == "layers"
+
+
+def _weight_map(backbone: DecoderConfig | EncoderConfig) -> list[_Tensor]:
+    if isinstance(backbone, EncoderConfig):
+        top = [
+            _Tensor(("embed", "embedding"), "embeddings.word_embeddings.weight"),
+            _Tensor(("position_embedding",), "embeddings.position_embeddings.weight"),
+            _Tensor(("token_type_embedding",), "embeddings.token_type_embeddings.weight"),
+            _Tensor(("embed_norm", "scale"), "embeddings.LayerNorm.weight"),
+            _Tensor(("embed_norm", "bias"), "embeddings.LayerNorm.bias"),
+        ]
+        linears = {"q_proj": "attention.self.query", "k_proj": "attention.self.key",
+                   "v_proj": "attention.self.value", "o_proj": "attention.output.dense",
+                   "up_proj": "intermediate.dense", "down_proj": "output.dense"}
+        norms = {"attention_norm": "attention.output.LayerNorm", "mlp_norm": "output.LayerNorm"}
+        layer = "encoder.layer.{i}."
+        per_layer = [t for ours, hf in linears.items() for t in (
+            _Tensor(("layers", "layer", ours, "kernel"), f"{layer}{hf}.weight", linear=True),
+            _Tensor(("layers", "layer", ours, "bias"), f"{layer}{hf}.bias"))]
+        per_layer += [t for ours, hf in norms.items() for t in (
+            _Tensor(("layers", "layer", ours, "scale"), f"{layer}{hf}.weight"),
+            _Tensor(("layers", "layer", ours, "bias"), f"{layer}{hf}.bias"))]
+        return top + per_layer
+    top = [_Tensor(("embed", "embedding"), "embed_tokens.weight"),
+           _Tensor(("final_norm", "scale"), "norm.weight")]
+    if not backbone.tie_embeddings:
+        top.append(_Tensor(("lm_head", "kernel"), "lm_head.weight", linear=True))
+    layer = "layers.{i}."
+    linears = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
+               "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
+               "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+               "down_proj": "mlp.down_proj"}
+    norms = {"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm"}
+    if backbone.qk_norm:
+        norms |= {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+    per_layer = [_Tensor(("layers", "layer", ours, "kernel"), f"{layer}{hf}.weight", linear=True)
+                 for ours, hf in linears.items()]
+    if backbone.attention_bias:
+        per_layer += [_Tensor(("layers", "layer", p, "bias"), f"{layer}self_attn.{p}.bias")
+                      for p in ("q_proj", "k_proj", "v_proj")]
+    per_layer += [_Tensor(("layers", "layer", ours, "scale"), f"{layer}{hf}.weight")
+                  for ours, hf in norms.items()]
+    return top + per_layer
+
+
+def _canonical(name: str, family: str) -> str:
+    """Checkpoint name -> map name: drops `model.` / `bert.`, renames legacy LayerNorm gamma/beta."""
+    if family == "bert":
+        name = name.removeprefix("bert.")
+        name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
+        return re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+    return name.removeprefix("model.")
+
+
+def _export_name(name: str, family: str) -> str:
+    if family == "bert" or name == "lm_head.weight":
+        return name
+    return "model." + name
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+class _Checkpoint:
+    """The tensors of an HF directory by canonical name; reads slices without loading files."""
+
+    def __init__(self, hf_dir: Path, family: str, allow_pickle: bool):
+        self.dir = hf_dir
+        self._where: dict[str, tuple[str, str]] = {}  # canonical -> (file, stored name)
+        self._handles: dict[str, Any] = {}
+        self._arrays: dict[str, np.ndarray] | None = None
+        files = self._safetensors_files()
+        if files:
+            for file, names in files.items():
+                for name in names:
+                    self._add(_canonical(name, family), file, name)
+            return
+        pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if not pickles:
+            raise FileNotFoundError(
+                f"{hf_dir}: no weights found; expected model.safetensors, sharded "
+                "model-*.safetensors with model.safetensors.index.json, or (with --allow-pickle) "
+                "pytorch_model.bin"
+            )
+        if not allow_pickle:
+            raise ValueError(
+                f"{hf_dir}: only pickle-based weights found ({', '.join(pickles)}). Unpickling "
+                "can execute arbitrary code, so they are refused by default. Convert the "
+                "checkpoint to safetensors, or pass --allow-pickle (allow_pickle=True) if you "
+                "trust its source; it is then read with torch.load(weights_only=True)."
+            )
+        import torch
+
+        self._arrays = {}
+        for file in pickles:
+            state = torch.load(hf_dir / file, map_location="cpu", weights_only=True)
+            for name, tensor in state.items():
+                self._add(_canonical(name, family), file, name)
+                self._arrays[name] = _torch_to_numpy(tensor)
+
+    def _safetensors_files(self) -> dict[str, list[str]]:
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files: dict[str, list[str]] = {}
+            for name, file in weight_map.items():
+                files.setdefault(file, []).append(name)
+            for file in files:
+                if not (self.dir / file).is_file():
+                    raise FileNotFoundError(f"{index}: lists {file}, which is not in {self.dir}")
+            return files
+        return {
+            p.name: list(self._handle(p.name).keys())
+            for p in sorted(self.dir.glob("*.safetensors")) if p.name != HEADS_WEIGHTS
+        }
+
+    def _add(self, canonical: str, file: str, name: str):
+        if canonical in self._where:
+            raise ValueError(f"{self.dir}: tensor {canonical!r} appears twice "
+                             f"({self._where[canonical]} and {(file, name)})")
+        self._where[canonical] = (file, name)
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.dir / file, framework="numpy")
+        return self._handles[file]
+
+    @property
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file, stored = self._where[name]
+        if self._arrays is not None:
+            return self._arrays[stored].shape
+        return tuple(self._handle(file).get_slice(stored).get_shape())
+
+    def dtype(self, name: str) -> str:
+        file, stored = self._where[name]
+        if self._arrays is not None:
+            return str(self._arrays[stored].dtype)
+        return self._handle(file).get_slice(stored).get_dtype()
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        file, stored = self._where[name]
+        if self._arrays is not None:
+            return self._arrays[stored][index]
+        return self._handle(file).get_slice(stored)[index]
+
+
+def _check_tensors(ckpt: _Checkpoint, tensors: list[_Tensor], shapes: Params, backbone,
+                   family: str):
+    """Missing, unexpected or mis-shaped tensors: one error listing them all."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for t in tensors:
+        shape = _leaf(shapes, t.path).shape
+        per_layer = shape[1:] if t.stacked else shape
+        hf_shape = tuple(reversed(per_layer)) if t.linear else tuple(per_layer)
+        for i in range(backbone.layers if t.stacked else 1):
+            expected[t.hf.format(i=i)] = hf_shape
+    kind = "encoder" if family == "bert" else "decoder"
+    ignored_patterns = list(_IGNORED[kind])
+    if isinstance(backbone, DecoderConfig) and backbone.tie_embeddings:
+        ignored_patterns.append(r"lm_head\.weight")  # tied: the embedding is the output layer
+    ignored = {n for n in ckpt.names - expected.keys()
+               if any(re.fullmatch(p, n) for p in ignored_patterns)}
+    missing = sorted(expected.keys() - ckpt.names)
+    unexpected = sorted(ckpt.names - expected.keys() - ignored)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_some(unexpected)}")
+    for name in sorted(expected.keys() & ckpt.names):
+        if ckpt.shape(name) != expected[name]:
+            problems.append(f"tensor {name!r} has shape {ckpt.shape(name)}, the config.json "
+                            f"implies {expected[name]}")
+    if problems:
+        raise ValueError(
+            f"{ckpt.dir}: checkpoint does not match its {family} config: " + "; ".join(problems)
+            + f" (ignored as irrelevant: {', '.join(ignored_patterns)})"
+        )
+    if ignored:
+        log.info("%s: ignored %d tensors: %s", ckpt.dir, len(ignored), _some(sorted(ignored)))
+
+
+def _some(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set_leaf(tree: dict, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _reader(ckpt: _Checkpoint, t: _Tensor, num_layers: int, dtype, uses: dict) -> Callable:
+    """The callback of `make_array_from_callback`: reads just the slice one device holds.
+
+    `uses` counts the local devices holding each distinct slice: a replicated slice is read
+    once and dropped after its last device, so at most one copy of it is ever on the host.
+    """
+    cache: dict[tuple, np.ndarray] = {}
+
+    def read_one(name: str, index: tuple[slice, ...]) -> np.ndarray:
+        if t.linear:
+            return ckpt.read(name, tuple(reversed(index))).T
+        return ckpt.read(name, index)
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+        key = _index_key(index)
+        if key not in cache:
+            if t.stacked:
+                rows = [read_one(t.hf.format(i=i), index[1:])
+                        for i in range(num_layers)[index[0]]]
+                out = np.stack(rows)
+            else:
+                out = read_one(t.hf, index)
+            cache[key] = np.ascontiguousarray(out.astype(dtype))
+        uses[key] -= 1
+        return cache[key] if uses[key] > 0 else cache.pop(key)
+
+    return callback
+
+
+def _index_key(index: tuple[slice, ...]) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def _slice_uses(shape, sharding) -> dict[tuple, int]:
+    uses: dict[tuple, int] = {}
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        key = _index_key(index)
+        uses[key] = uses.get(key, 0) + 1
+    return uses
+
+
+def _init_head(cfg: ModelConfig, name: str, seed: int, sharding) -> Params:
+    """A head's fresh weights; the key depends on the seed and the head's name only."""
+    width = cfg.backbone.hidden
+    pdt = jnp.dtype(cfg.backbone.param_dtype)
+
+    def make(key):
+        head = build_head(cfg.heads[name], width, param_dtype=pdt, rngs=nnx.Rngs(params=key))
+        return nnx.split(head)[1].to_pure_dict()
+
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
+    return jax.jit(make, out_shardings=sharding)(key)
+
+
+def _read_side_heads(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
+    if not (hf_dir / HEADS_JSON).is_file():
+        return None
+    with open(hf_dir / HEADS_JSON) as f:
+        meta = json.load(f)
+    weights = {}
+    if (hf_dir / HEADS_WEIGHTS).is_file():
+        with safe_open(hf_dir / HEADS_WEIGHTS, framework="numpy") as f:
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    return meta, weights
+
+
+def load_hf(
+    hf_dir: str | os.PathLike,
+    *,
+    heads: Mapping[str, Any] | None = None,
+    dtype: str = "bfloat16",
+    param_dtype: str = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+    rules: parallel.Rules | None = None,
+    allow_pickle: bool = False,
+    seed: int = 0,
+    **overrides,
+) -> tuple[ModelConfig, Params]:
+    """An HF checkpoint directory as our (ModelConfig, params).
+
+    Backbone weights come from the checkpoint, cast to `param_dtype`, each created directly in
+    its sharding on `mesh` (rules: `parallel.DEFAULT_RULES` unless given; no mesh: the default
+    device). Heads: with `heads=None`, those recorded in the directory's `jaxdistill_heads.json`
+    (a jaxdistill export), else none. Named heads found in the side file with the same config
+    load their weights from it; the others are freshly initialised from `seed` and the head's
+    name (so adding a head does not change another's initialisation). `overrides` go to the
+    backbone config (remat, attention_impl, pooling).
+    """
+    hf_dir = Path(hf_dir)
+    family = detect_family(hf_dir)
+    side = _read_side_heads(hf_dir)
+    side_heads = side[0]["heads"] if side else {}
+    if side and "pooling" in side[0]["backbone"] and family == "bert":
+        overrides.setdefault("pooling", side[0]["backbone"]["pooling"])
+    backbone = config_from_hf(hf_dir, dtype=dtype, param_dtype=param_dtype, **overrides)
+    if heads is None:
+        heads = {name: entry["config"] for name, entry in side_heads.items()}
+    cfg = ModelConfig(backbone=backbone, heads=dict(heads))
+    f = functional(cfg)
+    rules = parallel.DEFAULT_RULES if rules is None else rules
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, f.shapes)
+    else:
+        shardings = f.shardings(mesh, rules)
+
+    ckpt = _Checkpoint(hf_dir, family, allow_pickle)
+    tensors = _weight_map(backbone)
+    _check_tensors(ckpt, tensors, f.shapes["backbone"], backbone, family)
+    params: Params = {}
+    pdt = jnp.dtype(param_dtype)
+    for t in tensors:
+        path = ("backbone",) + t.path
+        shape, sharding = _leaf(f.shapes, path).shape, _leaf(shardings, path)
+        reader = _reader(ckpt, t, backbone.layers, pdt, _slice_uses(shape, sharding))
+        array = jax.make_array_from_callback(shape, sharding, reader)
+        _set_leaf(params, path, array)
+
+    for name, head_cfg in cfg.heads.items():
+        if name not in f.shapes.get("heads", {}):
+            continue  # token_score / lm heads have no weights
+        stored = side_heads.get(name)
+        if stored is None:
+            params.setdefault("heads", {})[name] = _init_head(cfg, name, seed,
+                                                               shardings["heads"][name])
+            log.info("%s: head %r is not in the checkpoint; initialised from seed %d",
+                     hf_dir, name, seed)
+            continue
+        if stored["config"] != head_cfg.model_dump(mode="json"):
+            raise ValueError(
+                f"{hf_dir / HEADS_JSON}: head {name!r} is stored as {stored['config']}, asked "
+                f"for {head_cfg.model_dump(mode='json')}; rename the new head or drop it"
+            )
+        for path, leaf in jax.tree_util.tree_leaves_with_path(f.shapes["heads"][name]):
+            keys = tuple(k.key for k in path)
+            value = side[1]["/".join((name,) + keys)]
+            if value.shape != leaf.shape:
+                raise ValueError(f"{hf_dir / HEADS_WEIGHTS}: {name}/{'/'.join(keys)} has shape "
+                                 f"{value.shape}, expected {leaf.shape}")
+            _set_leaf(params, ("heads", name) + keys, jax.device_put(
+                value.astype(pdt), _leaf(shardings, ("heads", name) + keys)))
+
+    if jax.tree.structure(params) != jax.tree.structure(f.shapes):
+        raise AssertionError(f"{hf_dir}: built params do not match the model's structure")
+    return cfg, params
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def _heads_metadata(cfg: ModelConfig, tokenizer) -> dict:
+    backbone = cfg.backbone
+    pooled = ("last_token" if backbone.type == "decoder" else backbone.pooling)
+    entries = {}
+    for name, head in cfg.heads.items():
+        entry: dict[str, Any] = {"config": head.model_dump(mode="json")}
+        if isinstance(head, TokenScoreHead):
+            entry["reads"] = ("output embedding rows token_ids at the last real position; the "
+                              "last id is the positive class: p = softmax(logits)[-1]")
+            if tokenizer is not None:
+                entry["tokens"] = tokenizer.convert_ids_to_tokens(list(head.token_ids))
+        elif head.type != "lm":
+            width = backbone.hidden + (head.features if isinstance(head, ActionHead) else 0)
+            entry["input_width"] = width
+            entry["reads"] = ("pooled hidden state (fp32)" + (
+                " concatenated with member_features" if getattr(head, "features", 0) else ""))
+        entries[name] = entry
+    return {
+        "format": "jaxdistill-heads",
+        "version": 1,
+        "backbone": {"type": backbone.type, "family": backbone.family, "hidden": backbone.hidden,
+                     "pooling": pooled},
+        "pooled": {"last_token": "final-norm hidden state at the last real (attention_mask=1) "
+                                 "position", "cls": "last hidden state at position 0",
+                   "mean": "mean of last hidden states over real positions"}[pooled],
+        "weights": (f"{HEADS_WEIGHTS}: '<head>/<layer>/kernel' [in, out] and "
+                    "'<head>/<layer>/bias' [out]; a dense layer is y = x @ kernel + bias. "
+                    "Layers: 'out' alone, or 'inner' -> gelu (tanh approximation) -> 'out'."),
+        "heads": entries,
+    }
+
+
+def export_hf(
+    cfg: ModelConfig,
+    params: Params,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Writes an HF directory transformers loads, plus our heads in side files; returns it.
+
+    Weights keep their dtype unless `dtype` ("float32" / "bfloat16") is given. The directory is
+    written under a temporary name and renamed into place (an existing one is replaced), so a
+    crash never leaves a half-written export. Multi-host: every process must call it (weights
+    are gathered); process 0 writes.
+    """
+    out_dir = Path(out_dir)
+    backbone = cfg.backbone
+    family = backbone.family
+    cast = (lambda x: x) if dtype is None else (lambda x: x.astype(jnp.dtype(dtype)))
+    tensors: dict[str, np.ndarray] = {}
+    for t in _weight_map(backbone):
+        array = cast(_host(_leaf(params["backbone"], t.path)))
+        for i in range(backbone.layers if t.stacked else 1):
+            one = array[i] if t.stacked else array
+            tensors[_export_name(t.hf.format(i=i), family)] = np.ascontiguousarray(
+                one.T if t.linear else one)
+    head_tensors = {
+        "/".join((name,) + tuple(k.key for k in path)): np.ascontiguousarray(cast(_host(leaf)))
+        for name, head in params.get("heads", {}).items()
+        for path, leaf in jax.tree_util.tree_leaves_with_path(head)
+    }
+    if jax.process_index() != 0:
+        return out_dir
+    stored_dtype = str(next(iter(tensors.values())).dtype)
+
+    tokenizer = None
+    if tokenizer_dir is not None:
+        tokenizer_files = [Path(tokenizer_dir) / n for n in _TOKENIZER_FILES
+                           if (Path(tokenizer_dir) / n).is_file()]
+        if not tokenizer_files:
+            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files (expected one of "
+                                    f"{', '.join(_TOKENIZER_FILES)})")
+        tokenizer = load_hf_tokenizer(tokenizer_dir)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        with open(tmp / "config.json", "w") as f:
+            json.dump(_hf_config_dict(backbone, stored_dtype), f, indent=2, sort_keys=True)
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        if tokenizer is not None:
+            for path in tokenizer_files:
+                shutil.copy2(path, tmp / path.name)
+        if cfg.heads:
+            with open(tmp / HEADS_JSON, "w") as f:
+                json.dump(_heads_metadata(cfg, tokenizer), f, indent=2)
+            save_file(head_tensors, tmp / HEADS_WEIGHTS)
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def inspect_hf(hf_dir: str | os.PathLike) -> dict[str, Any]:
+    """Family, dimensions and parameter counts of an HF directory (reads headers only)."""
+    hf_dir = Path(hf_dir)
+    family = detect_family(hf_dir)
+    backbone = config_from_hf(hf_dir)
+    shapes = functional(ModelConfig(backbone=backbone)).shapes
+    dims = backbone.model_dump(include={"vocab_size", "hidden", "layers", "heads", "kv_heads",
+                                        "head_dim", "mlp", "rope_theta", "tie_embeddings",
+                                        "max_positions"})
+    if isinstance(backbone, EncoderConfig):
+        dims["head_dim"] = backbone.head_dim
+    files = sorted(os.path.basename(p) for p in glob.glob(os.fspath(hf_dir / "*"))
+                   if p.endswith((".safetensors",) + _PICKLE_SUFFIXES))
+    side = _read_side_heads(hf_dir)
+    return {
+        "family": family,
+        "type": backbone.type,
+        **dims,
+        "parameters": count_params(shapes),
+        "parameters_non_embedding": count_params(shapes, exclude_embeddings=True),
+        "weight_files": files,
+        "jaxdistill_heads": sorted(side[0]["heads"]) if side else [],
+    }
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def load_hf_tokenizer(hf_dir: str | os.PathLike):
+    """The tokenizer of a local HF directory (AutoTokenizer, local files only; see data.tokenizer)."""
+    from jaxdistill.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(hf_dir)
+
+
+def apply_chat_template(tokenizer, messages: list[dict[str, str]], **kwargs) -> str:
+    """The tokenizer's own chat template rendered to text; an error if it has none."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template "
+                         "(chat_template in tokenizer_config.json or chat_template.jinja)")
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
+def _as_tokenizer(tokenizer_or_dir):
+    if isinstance(tokenizer_or_dir, str | os.PathLike):
+        return load_hf_tokenizer(tokenizer_or_dir)
+    return tokenizer_or_dir
+
+
+def _id_to_token(tokenizer) -> list[str | None]:
+    tokens: list[str | None] = [None] * len(tokenizer)
+    for token, i in tokenizer.get_vocab().items():
+        if i < len(tokens):
+            tokens[i] = token
+    return tokens
+
+
+def _first_difference(a: list, b: list) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def shared_vocab_size(tokenizer_a, tokenizer_b=None) -> int:
+    """The real vocabulary size (len(tokenizer)) two identical tokenizers share.
+
+    Embedding tables are often padded past the tokenizer (151936 rows for Qwen3's 151669
+    tokens); token-level losses slice logits to this many columns, so padded rows never get
+    probability mass. Raises if the tokenizers differ (see `check_same_tokenizer`).
+    """
+    a = _as_tokenizer(tokenizer_a)
+    if tokenizer_b is None:
+        return len(a)
+    size = check_same_tokenizer("a", a, "b", _as_tokenizer(tokenizer_b), token_level=True)
+    assert size is not None
+    return size
+
+
+def check_same_tokenizer(
+    teacher_name: str,
+    teacher_tokenizer,
+    student_name: str,
+    student_tokenizer,
+    *,
+    token_level: bool,
+    teacher_vocab_size: int | None = None,
+    student_vocab_size: int | None = None,
+) -> int | None:
+    """Whether a teacher's outputs can be compared with a student's token by token.
+
+    Token-level losses compare distributions over token ids, so teacher and student must share
+    one tokenizer: different ones are refused, naming both models and the first difference.
+    Sequence-level objectives (scores, labels, generated text) accept different tokenizers.
+    Returns the shared real vocabulary size (the token-level loss's `vocab_size`: logits are
+    sliced to it, dropping padded embedding rows), or None when the tokenizers differ and the
+    objective is sequence-level. `*_vocab_size` (embedding rows) are checked to cover it.
+    """
+    teacher = _as_tokenizer(teacher_tokenizer)
+    student = _as_tokenizer(student_tokenizer)
+    teacher_tokens, student_tokens = _id_to_token(teacher), _id_to_token(student)
+    differ = _first_difference(teacher_tokens, student_tokens)
+    if differ is not None:
+        if not token_level:
+            return None
+        at = lambda toks: repr(toks[differ]) if differ < len(toks) else "(none)"  # noqa: E731
+        raise ValueError(
+            f"token-level distillation needs one tokenizer, but teacher {teacher_name!r} "
+            f"(vocabulary {len(teacher_tokens)}) and student {student_name!r} (vocabulary "
+            f"{len(student_tokens)}) differ: first at id {differ}: {at(teacher_tokens)} vs "
+            f"{at(student_tokens)}. Use a sequence-level objective, or a student with the "
+            "teacher's tokenizer."
+        )
+    size = len(teacher_tokens)
+    for name, rows in ((teacher_name, teacher_vocab_size), (student_name, student_vocab_size)):
+        if rows is not None and rows < size:
+            raise ValueError(f"model {name!r} has {rows} embedding rows, fewer than its "
+                             f"tokenizer's {size} tokens")
+    return size

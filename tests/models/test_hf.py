@@ -1,0 +1,303 @@
+"""HF import/export: parity with transformers' PyTorch models on tiny random checkpoints."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+
+from jaxdistill import parallel
+from jaxdistill.data.tokenizer import build_tokenizer
+from jaxdistill.models import hf
+from jaxdistill.models.model import functional
+
+VOCAB, T = 128, 10
+LENGTHS = (10, 7, 4)  # right-padded rows of different lengths
+
+
+def _hf_config(family, **kw):
+    dims = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64)
+    if family == "bert":
+        return transformers.BertConfig(**dims, max_position_embeddings=32, **kw)
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config}[family]
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}}
+    return cls(**dims, num_key_value_heads=2, head_dim=8, **rope, **kw)
+
+
+def _save_random(family, path, *, max_shard_size=None, **kw):
+    """A random transformers model (every weight perturbed, biases and norms included), saved."""
+    torch.manual_seed(0)
+    config = _hf_config(family, **kw)
+    cls = transformers.BertModel if family == "bert" else transformers.AutoModelForCausalLM
+    model = cls.from_config(config) if cls is transformers.AutoModelForCausalLM else cls(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **extra)
+    return model
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, VOCAB, size=(len(LENGTHS), T)).astype(np.int32)
+    mask = (np.arange(T)[None] < np.array(LENGTHS)[:, None]).astype(np.int32)
+    return ids * mask, mask
+
+
+def _torch_outputs(path, family):
+    ids, mask = _batch()
+    kw = dict(attn_implementation="eager", dtype=torch.float32)
+    inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+    with torch.no_grad():
+        hidden = transformers.AutoModel.from_pretrained(path, **kw)(**inputs).last_hidden_state
+        logits = None
+        if family != "bert":
+            lm = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
+            logits = lm(**inputs).logits.numpy()
+    return hidden.numpy(), logits
+
+
+def _our_outputs(cfg, params):
+    ids, mask = _batch()
+    backbone = functional(cfg).bind(params).backbone
+    hidden = backbone(jax.numpy.asarray(ids), jax.numpy.asarray(mask))
+    logits = hidden @ backbone.unembedding() if cfg.backbone.type == "decoder" else None
+    return np.asarray(hidden), None if logits is None else np.asarray(logits)
+
+
+def _assert_close_at_real(ours, theirs, rtol=1e-4):
+    _, mask = _batch()
+    real = mask.astype(bool)
+    err = np.max(np.abs(ours[real] - theirs[real])) / np.max(np.abs(theirs[real]))
+    assert err < rtol, f"relative error {err:.2e}"
+
+
+def _leaves_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("llama", {"tie_word_embeddings": False}),
+    ("qwen2", {"tie_word_embeddings": True}),
+    ("qwen3", {"tie_word_embeddings": True}),
+    ("qwen3", {"tie_word_embeddings": False}),
+    ("bert", {}),
+])
+def test_parity_with_transformers(tmp_path, family, kw):
+    _save_random(family, tmp_path, **kw)
+    cfg, params = hf.load_hf(tmp_path, dtype="float32")
+    assert cfg.backbone.family == family
+    hidden, logits = _our_outputs(cfg, params)
+    torch_hidden, torch_logits = _torch_outputs(tmp_path, family)
+    _assert_close_at_real(hidden, torch_hidden)
+    if family != "bert":
+        assert cfg.backbone.tie_embeddings == kw["tie_word_embeddings"]
+        _assert_close_at_real(logits, torch_logits)
+
+
+def test_sharded_index_and_mesh_loading(tmp_path):
+    _save_random("qwen3", tmp_path / "one", tie_word_embeddings=False)
+    _save_random("qwen3", tmp_path / "sharded", tie_word_embeddings=False, max_shard_size="8KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    cfg, single = hf.load_hf(tmp_path / "one", dtype="float32")
+    mesh = parallel.make_mesh((2, 2, 2))
+    rules = parallel.DEFAULT_RULES
+    _, sharded = hf.load_hf(tmp_path / "sharded", dtype="float32", mesh=mesh, rules=rules)
+    _leaves_equal(single, sharded)
+    want = functional(cfg).shardings(mesh, rules)
+    for array, sharding in zip(jax.tree.leaves(sharded), jax.tree.leaves(want)):
+        assert array.sharding.is_equivalent_to(sharding, array.ndim), (array.sharding, sharding)
+    # The rules really shard something: the embedding over vocab (tensor) x embed (fsdp).
+    assert sharded["backbone"]["embed"]["embedding"].sharding.spec == jax.P("tensor", "fsdp")
+
+
+HEADS = {
+    "relevance": {"type": "token_score", "token_ids": (5, 9)},
+    "engagement": {"type": "actions", "names": ("click", "apply", "dismiss"), "features": 3},
+}
+
+
+def _torch_heads(export_dir, ids, mask, member_features):
+    """The README's PyTorch snippet: transformers model + jaxdistill side-file heads."""
+    from safetensors.torch import load_file
+
+    meta = json.load(open(export_dir / "jaxdistill_heads.json"))
+    weights = load_file(export_dir / "jaxdistill_heads.safetensors")
+    model = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
+    ids, mask = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        last = mask.sum(-1) - 1  # last real position (right padding)
+        pooled = out.hidden_states[-1][torch.arange(len(ids)), last]
+        logits = out.logits[torch.arange(len(ids)), last]
+        result = {}
+        for name, head in meta["heads"].items():
+            config = head["config"]
+            if config["type"] == "token_score":
+                two = logits[:, config["token_ids"]]
+                result[name] = torch.softmax(two, -1)[:, -1]  # p_yes: last id is positive
+            elif config["type"] == "actions":
+                x = pooled.float()
+                if config["features"]:
+                    x = torch.cat([x, torch.as_tensor(member_features).float()], -1)
+                if config["hidden"]:
+                    x = torch.nn.functional.gelu(
+                        x @ weights[f"{name}/inner/kernel"] + weights[f"{name}/inner/bias"],
+                        approximate="tanh")
+                logit = x @ weights[f"{name}/out/kernel"] + weights[f"{name}/out/bias"]
+                result[name] = dict(zip(config["names"], torch.sigmoid(logit).T))
+    return result
+
+
+def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path):
+    _save_random("qwen3", tmp_path / "hf", tie_word_embeddings=True)
+    tokenizer_dir = tmp_path / "tok"
+    build_tokenizer(["job search query document relevance"] * 4, 60, tokenizer_dir)
+    cfg, params = hf.load_hf(tmp_path / "hf", heads=HEADS, dtype="float32", seed=3)
+    assert set(params["heads"]) == {"engagement"}  # token_score has no weights of its own
+    out = hf.export_hf(cfg, params, tmp_path / "export", tokenizer_dir=tokenizer_dir)
+    assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".export.tmp-*"))
+    cfg2, params2 = hf.load_hf(out, dtype="float32")
+    assert cfg2 == cfg
+    _leaves_equal(params, params2)
+    # Exporting again over the same directory replaces it; the result still round-trips.
+    hf.export_hf(cfg2, params2, out)
+    _leaves_equal(params, hf.load_hf(out, dtype="float32")[1])
+
+    torch_hidden, torch_logits = _torch_outputs(out, "qwen3")
+    hidden, logits = _our_outputs(cfg, params)
+    _assert_close_at_real(hidden, torch_hidden)
+    _assert_close_at_real(logits, torch_logits)
+
+    ids, mask = _batch()
+    features = np.random.default_rng(1).normal(size=(len(ids), 3)).astype(np.float32)
+    ours = functional(cfg).apply(params, {"input_ids": ids, "attention_mask": mask,
+                                          "member_features": features})
+    theirs = _torch_heads(out, ids, mask, features)
+    p_yes = jax.nn.softmax(ours["relevance"], -1)[:, -1]
+    np.testing.assert_allclose(theirs["relevance"].numpy(), p_yes, rtol=1e-4, atol=1e-6)
+    probs = jax.nn.sigmoid(ours["engagement"])
+    for k, name in enumerate(HEADS["engagement"]["names"]):
+        np.testing.assert_allclose(theirs["engagement"][name].numpy(), probs[:, k],
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_bert_export_loads_in_transformers(tmp_path):
+    _save_random("bert", tmp_path / "hf")
+    cfg, params = hf.load_hf(tmp_path / "hf", dtype="float32",
+                             heads={"relevance": {"type": "classifier", "classes": 2}},
+                             pooling="mean")
+    out = hf.export_hf(cfg, params, tmp_path / "export")
+    cfg2, params2 = hf.load_hf(out, dtype="float32")
+    assert cfg2 == cfg and cfg2.backbone.pooling == "mean"
+    _leaves_equal(params, params2)
+    _assert_close_at_real(_our_outputs(cfg, params)[0], _torch_outputs(out, "bert")[0])
+
+
+def test_fresh_heads_are_seeded_by_name(tmp_path):
+    _save_random("qwen3", tmp_path)
+    action = {"type": "actions", "names": ("click",)}
+    _, a = hf.load_hf(tmp_path, heads={"x": action}, seed=1)
+    _, b = hf.load_hf(tmp_path, heads={"x": action, "y": action}, seed=1)
+    _, c = hf.load_hf(tmp_path, heads={"x": action}, seed=2)
+    _leaves_equal(a["heads"]["x"], b["heads"]["x"])
+    assert not np.array_equal(a["heads"]["x"]["out"]["kernel"], c["heads"]["x"]["out"]["kernel"])
+
+
+def test_bf16_params(tmp_path):
+    _save_random("llama", tmp_path)
+    _, params = hf.load_hf(tmp_path, param_dtype="bfloat16")
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(params))
+    reference = load_file(tmp_path / "model.safetensors")["model.layers.1.mlp.up_proj.weight"]
+    np.testing.assert_array_equal(
+        np.asarray(params["backbone"]["layers"]["layer"]["up_proj"]["kernel"][1]),
+        reference.bfloat16().float().numpy().T.astype(jax.numpy.bfloat16))
+
+
+def test_pickle_refused_unless_allowed(tmp_path):
+    model = _save_random("qwen2", tmp_path / "st")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="--allow-pickle") as err:
+        hf.load_hf(pickled)
+    assert "arbitrary code" in str(err.value) and "pytorch_model.bin" in str(err.value)
+    _, from_pickle = hf.load_hf(pickled, allow_pickle=True, dtype="float32")
+    _leaves_equal(from_pickle, hf.load_hf(tmp_path / "st", dtype="float32")[1])
+
+
+def test_missing_and_unexpected_tensors_are_listed(tmp_path):
+    _save_random("llama", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"], tensors["model.norm.weight"]
+    tensors["model.layers.0.mlp.extra.weight"] = torch.zeros(2)
+    tensors["model.rotary_emb.inv_freq"] = torch.zeros(4)  # known-irrelevant: ignored
+    save_file({k: v.numpy() for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as err:
+        hf.load_hf(tmp_path)
+    message = str(err.value)
+    for name in ("layers.1.self_attn.k_proj.weight", "norm.weight", "layers.0.mlp.extra.weight"):
+        assert name in message
+    assert "inv_freq" not in message.split("ignored")[0]
+
+
+def test_config_errors(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="gpt2") as err:
+        hf.detect_family(tmp_path)
+    assert "config.json" in str(err.value) and "qwen3" in str(err.value)
+    llama3 = _hf_config("llama").to_dict()
+    llama3["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 1024}
+    with pytest.raises(ValueError, match="llama3"):
+        hf.config_from_hf(llama3)
+    legacy = {"model_type": "qwen2", "hidden_size": 32, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "rope_theta": 1e6, "vocab_size": 50}  # transformers 4 layout
+    assert hf.config_from_hf(legacy).rope_theta == 1e6
+    with pytest.raises(ValueError, match="hidden_act"):
+        hf.config_from_hf({**_hf_config("bert").to_dict(), "hidden_act": "relu"})
+
+
+def test_inspect(tmp_path):
+    model = _save_random("qwen3", tmp_path)
+    info = hf.inspect_hf(tmp_path)
+    assert info["family"] == "qwen3" and info["layers"] == 2 and info["kv_heads"] == 2
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_tokenizer_alignment(tmp_path):
+    texts = ["query document job engineer remote", "apply click dismiss"]
+    teacher = build_tokenizer(texts, 50, tmp_path / "teacher")
+    shutil.copytree(tmp_path / "teacher", tmp_path / "same")
+    same = hf.load_hf_tokenizer(tmp_path / "same")
+    other = build_tokenizer(["completely different words here"], 50, tmp_path / "other")
+    size = hf.check_same_tokenizer("qwen-teacher", teacher, "tiny-student", tmp_path / "same",
+                                   token_level=True, teacher_vocab_size=len(teacher) + 7)
+    assert size == len(teacher) == hf.shared_vocab_size(tmp_path / "teacher", same)
+    with pytest.raises(ValueError, match="qwen-teacher") as err:
+        hf.check_same_tokenizer("qwen-teacher", teacher, "tiny-student", other, token_level=True)
+    assert "tiny-student" in str(err.value) and "first at id" in str(err.value)
+    assert hf.check_same_tokenizer("qwen-teacher", teacher, "tiny-student", other,
+                                   token_level=False) is None
+    with pytest.raises(ValueError, match="embedding rows"):
+        hf.check_same_tokenizer("t", teacher, "s", same, token_level=True,
+                                student_vocab_size=len(teacher) - 1)
+    loaded = hf.load_hf_tokenizer(tmp_path / "teacher")
+    text = hf.apply_chat_template(loaded, [{"role": "user", "content": "hello"}])
+    assert "user: hello" in text
+    loaded.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        hf.apply_chat_template(loaded, [{"role": "user", "content": "hello"}])
