@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -45,9 +47,9 @@ class ModelSection(ModelConfig):
 
     @model_validator(mode="after")
     def _check_sources(self):
-        _check_source(self.init, ("scratch", "hf:", "run:"), "model.init")
+        _check_source(self.init, ("scratch", "hf:", "run:"), "init")
         if self.warm_start is not None:
-            _check_source(self.warm_start, ("run:", "hf:"), "model.warm_start")
+            _check_source(self.warm_start, ("run:", "hf:"), "warm_start")
         return self
 
 
@@ -64,7 +66,7 @@ class TeacherSection(_Section):
 
     @model_validator(mode="after")
     def _check_sources(self):
-        _check_source(self.source, ("run:", "hf:", "offline:"), "teachers.<name>.source")
+        _check_source(self.source, ("run:", "hf:", "offline:"), "source")
         return self
 
 
@@ -199,31 +201,48 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """`a.b.c=value` assignments, values parsed as YAML (`3`, `true`, `[1, 2]`, `null`)."""
-    data = dict(data)
+    """`a.b.c=value` assignments, values parsed as YAML (`3`, `true`, `[1, 2]`, `null`).
+
+    Missing mappings on the way are created; a number indexes into an existing list
+    (`objective.0.weight=0.5`).
+    """
+    data = _copy_tree(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. trainer.steps=100")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from None
-        node = data
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(
-                    f"--set {item!r}: {'.'.join(parts[:i + 1])} is a {type(child).__name__}, "
-                    "not a mapping"
-                )
-            node[part] = child = dict(child)
-            node = child
-        node[parts[-1]] = value
+        node: Any = data
+        for i, part in enumerate(parts):
+            where = ".".join(parts[:i]) or "the config"
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {item!r}: {where} is a list of {len(node)}; "
+                                      f"{part!r} is not an index into it")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {where} holds {type(node).__name__} "
+                                  f"{node!r}, not a mapping")
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
     return data
+
+
+def _copy_tree(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _copy_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_copy_tree(v) for v in value]
+    return value
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
@@ -240,60 +259,116 @@ def validate(data: Mapping[str, Any], *, source: str) -> Experiment:
 
 
 def format_errors(err: pydantic.ValidationError, data: Mapping[str, Any], source: str) -> str:
-    lines = [f"{source}: invalid config ({err.error_count()} error(s))"]
-    for e in err.errors():
-        loc = [p for p in e["loc"] if not _is_union_tag(p)]
-        key = ".".join(str(p) for p in loc) or "<top>"
+    errors = err.errors()
+    # A list whose item failed also reports itself as too short; the item's error is the news.
+    errors = [e for e in errors if not (e["type"] == "too_short" and any(
+        len(o["loc"]) > len(e["loc"]) and o["loc"][:len(e["loc"])] == e["loc"] for o in errors))]
+    lines = [f"{source}: invalid config ({len(errors)} error(s))"]
+    for e in errors:
+        shown, parent = _resolve_loc(e["loc"])
+        key = _dotted(shown)
+        msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            hint = _nearest_key(loc)
-            lines.append(f"  {key}: unknown key{hint}")
+            lines.append(f"  {key}: unknown key{_nearest_key(parent, shown[-1])}")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
+        elif e["type"] in ("value_error", "assertion_error"):
+            msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            lines.append(f"  {key}: {msg}" if shown else f"  {msg}")
+        elif e["type"] == "union_tag_invalid":
+            tag_key = _dotted(shown + [str(e["ctx"]["discriminator"]).strip("'")])
+            lines.append(f"  {tag_key}: expected one of {e['ctx']['expected_tags']}, "
+                         f"found {e['ctx']['tag']!r}")
+        elif e["type"] == "union_tag_not_found":
+            tag_key = _dotted(shown + [str(e["ctx"]["discriminator"]).strip("'")])
+            lines.append(f"  {tag_key}: required key is missing")
         else:
-            found = e.get("input")
-            found_text = repr(found) if not isinstance(found, Mapping) else "a mapping"
-            lines.append(f"  {key}: {e['msg']} (found {found_text})")
+            msg = msg.replace("Input should be ", "expected ", 1)
+            lines.append(f"  {key}: {msg}, found {_found(e.get('input'))}")
     return "\n".join(lines)
 
 
-def _is_union_tag(part: Any) -> bool:
-    # pydantic puts union member tags (e.g. 'decoder', 'function-after[...]') into locations.
-    return isinstance(part, str) and ("[" in part or part in ("decoder", "encoder"))
+def _found(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _nearest_key(loc: Sequence[Any]) -> str:
-    model: type[BaseModel] | None = Experiment
-    for part in loc[:-1]:
-        model = _child_model(model, part)
-        if model is None:
-            return ""
+def _dotted(parts: Sequence[Any]) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else ("." if text else "") + str(part)
+    return text or "<top>"
+
+
+def _resolve_loc(loc: Sequence[Any]) -> tuple[list[Any], type[BaseModel] | None]:
+    """A pydantic error location as the user's key path, and the schema holding its last key.
+
+    pydantic inserts union member tags ("token_score", "function-after[...]") into locations;
+    walking the schema alongside tells them apart from keys.
+    """
+    shown: list[Any] = []
+    parent: type[BaseModel] | None = None
+    annotation: Any = Experiment
+    for part in loc:
+        annotation = _strip_annotated(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            parent = annotation
+            field = annotation.model_fields.get(part) if isinstance(part, str) else None
+            annotation = field.annotation if field is not None else None
+            shown.append(part)
+            continue
+        origin = typing.get_origin(annotation)
+        args = typing.get_args(annotation)
+        if origin in (dict, Mapping):
+            annotation = args[1] if len(args) == 2 else None
+            shown.append(part)
+        elif origin in (tuple, list, Sequence) and isinstance(part, int):
+            annotation = args[0] if args else None
+            shown.append(part)
+        elif origin in (typing.Union, types.UnionType):
+            member = _union_member(args, part)
+            if member is None:
+                shown.append(part)
+            annotation = member
+        else:
+            shown.append(part)
+            annotation = None
+    return shown, parent
+
+
+def _strip_annotated(annotation: Any) -> Any:
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _union_member(members: Sequence[Any], tag: Any) -> Any:
+    """The union member a pydantic location tag names (a discriminator value or a type name)."""
+    if not isinstance(tag, str):
+        return None
+    for member in members:
+        member = _strip_annotated(member)
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            field = member.model_fields.get("type")
+            if member.__name__ == tag or (field is not None and field.default == tag):
+                return member
+        elif getattr(member, "__name__", None) == tag:
+            return member
+    if "[" in tag:  # e.g. "function-after[_check(), Term]"
+        return next((m for m in members if getattr(m, "__name__", "") in tag), members[0])
+    return None
+
+
+def _nearest_key(model: type[BaseModel] | None, key: Any) -> str:
     if model is None:
         return ""
     valid = list(model.model_fields)
-    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
     if close:
         return f"; did you mean {close[0]!r}?"
     return f"; valid keys: {', '.join(sorted(valid))}"
-
-
-def _child_model(model: type[BaseModel] | None, part: Any) -> type[BaseModel] | None:
-    if model is None or isinstance(part, int):
-        return model
-    field = model.model_fields.get(part)
-    if field is None:
-        return None
-    return _first_model(field.annotation)
-
-
-def _first_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _first_model(arg)
-        if found is not None:
-            return found
-    metadata_origin = getattr(annotation, "__origin__", None)
-    return _first_model(metadata_origin) if metadata_origin not in (None, annotation) else None
 
 
 def resolved_yaml(cfg: Experiment) -> str:
