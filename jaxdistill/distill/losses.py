@@ -1,0 +1,605 @@
+"""Distillation losses: pure jax functions fn(student, target, mask=None, **hparams) -> f32 scalar.
+
+Conventions shared by every loss here:
+
+* Reduction is a masked mean over the valid rows (or entries, for the per-action
+  sigmoid losses), with the count guarded by max(count, 1): an all-masked batch gives 0,
+  never NaN. Masks may be bool or 0/1 numbers. Masked rows are selected away with
+  `jnp.where`, so whatever they hold (padding, huge values) cannot leak into the value.
+* Leading dims are arbitrary ([B, C], [B, N, C], ...); the class/candidate/feature axis
+  is last.
+* Everything is computed in float32 whatever the input dtype (bf16 activations are
+  common), and the result is a float32 scalar.
+* Temperature-softened losses (forward_kl, reverse_kl, generalized_jsd, soft_bce,
+  listnet, token_kl) multiply by T**2 at the very end of the per-row value. Softening
+  by T shrinks the gradient w.r.t. the student logits by about 1/T**2 (Hinton et al.,
+  2015, "Distilling the knowledge in a neural network", sec. 2), so the T**2 factor keeps
+  the gradient magnitude independent of T and lets T be tuned without retuning the
+  loss weight.
+* Only `token_kl` puts the teacher under `stop_gradient` (its teacher weights are
+  arguments). The other losses are plain functions of their inputs; teachers are frozen
+  by the trainer, not here.
+* Hyper-parameters are validated on entry (ValueError naming the argument, what was
+  expected and what was found); a hyper-parameter that is a JAX tracer (a schedule
+  under jit) is not value-checked. `check_hparams` runs the same checks at config load.
+
+This module imports nothing but jax (and the standard library).
+"""
+
+from collections.abc import Callable
+import inspect
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+_F32 = jnp.float32
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _is_tracer(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    return hasattr(value, "dtype") and getattr(value, "shape", None) == () and (
+        jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))
+
+
+def _check_temperature(loss: str, temperature) -> None:
+    if _is_tracer(temperature):
+        return
+    if not _is_number(temperature) or not float(temperature) > 0:
+        raise ValueError(f"{loss}: temperature must be a number > 0, got {temperature!r}")
+
+
+def _check_beta(loss: str, beta) -> None:
+    if _is_tracer(beta):
+        return
+    if not _is_number(beta) or not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"{loss}: beta must be a number in [0, 1], got {beta!r}")
+
+
+def _check_label_smoothing(loss: str, label_smoothing) -> None:
+    if _is_tracer(label_smoothing):
+        return
+    if not _is_number(label_smoothing) or not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(
+            f"{loss}: label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+
+
+def _check_chunk_size(loss: str, chunk_size) -> None:
+    # Shapes depend on it, so it is always a static Python int.
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{loss}: chunk_size must be an int >= 1, got {chunk_size!r}")
+
+
+_TOKEN_KL_KINDS = ("forward", "reverse")
+
+
+def _check_kind(loss: str, kind) -> None:
+    if kind not in _TOKEN_KL_KINDS:
+        raise ValueError(f"{loss}: kind must be one of {list(_TOKEN_KL_KINDS)}, got {kind!r}")
+
+
+def _check_vocab_size(loss: str, vocab_size) -> None:
+    if vocab_size is None:
+        return
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"{loss}: vocab_size must be None or an int >= 1, got {vocab_size!r}")
+
+
+# Config-level hyper-parameters and their checks; `check_hparams` uses this table and the
+# losses call the same functions, so config loading and the call agree.
+_HPARAM_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "temperature": _check_temperature,
+    "beta": _check_beta,
+    "label_smoothing": _check_label_smoothing,
+    "chunk_size": _check_chunk_size,
+    "kind": _check_kind,
+    "vocab_size": _check_vocab_size,
+}
+
+
+def _check_same_shape(loss: str, name_a: str, a, name_b: str, b) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{loss}: {name_b} must have the shape of {name_a} {tuple(a.shape)}, "
+            f"got {tuple(b.shape)}")
+
+
+def _check_mask(loss: str, mask, expected_shape, what: str):
+    """Returns the mask as a bool array after checking its shape against `what`."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.shape != tuple(expected_shape):
+        raise ValueError(
+            f"{loss}: mask must have shape {tuple(expected_shape)} ({what}), "
+            f"got {tuple(mask.shape)}")
+    return mask != 0
+
+
+def _check_rank(loss: str, name: str, x, min_ndim: int) -> None:
+    if x.ndim < min_ndim:
+        raise ValueError(
+            f"{loss}: {name} must have at least {min_ndim} dims, got shape {tuple(x.shape)}")
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def _masked_mean(values_x, valid_x) -> jax.Array:
+    """Mean of `values_x` over `valid_x` (None = all valid); 0 when nothing is valid."""
+    values_x = values_x.astype(_F32)
+    if valid_x is None:
+        return jnp.mean(values_x)
+    total = jnp.sum(jnp.where(valid_x, values_x, 0.0))
+    count = jnp.sum(valid_x.astype(_F32))
+    return total / jnp.maximum(count, 1.0)
+
+
+def _kl_rows(log_p_xC, log_q_xC) -> jax.Array:
+    """KL(p || q) over the last axis from log-probabilities.
+
+    Where p == 0 (a -inf logit, e.g. a banned token) the term is 0 by convention; the
+    inner `where` keeps 0 * -inf from making NaN values or NaN gradients.
+    """
+    p_xC = jnp.exp(log_p_xC)
+    safe_log_p_xC = jnp.where(p_xC > 0, log_p_xC, 0.0)
+    return jnp.sum(jnp.where(p_xC > 0, p_xC * (safe_log_p_xC - log_q_xC), 0.0), axis=-1)
+
+
+def _softened_log_probs(logits_xC, temperature):
+    return jax.nn.log_softmax(logits_xC.astype(_F32) / temperature, axis=-1)
+
+
+def _logit_pair(loss: str, student_logits_xC, teacher_logits_xC, mask):
+    student_logits_xC = jnp.asarray(student_logits_xC)
+    teacher_logits_xC = jnp.asarray(teacher_logits_xC)
+    _check_rank(loss, "student_logits", student_logits_xC, 1)
+    _check_same_shape(loss, "student_logits", student_logits_xC, "teacher_logits",
+                      teacher_logits_xC)
+    valid_x = _check_mask(loss, mask, student_logits_xC.shape[:-1],
+                          "the logits' leading dims")
+    return student_logits_xC, teacher_logits_xC, valid_x
+
+
+# ---------------------------------------------------------------- softmax (classes)
+
+
+def forward_kl(student_logits_xC, teacher_logits_xC, mask=None, *, temperature=1.0):
+    """T**2 * KL(softmax(teacher/T) || softmax(student/T)), masked mean over rows.
+
+    The mode-covering direction of classic distillation (Hinton et al.). The T**2 factor is
+    applied to each row's KL after softening, so the gradient w.r.t. the student logits
+    keeps the same magnitude whatever T (it would otherwise shrink like 1/T**2).
+    """
+    _check_temperature("forward_kl", temperature)
+    student_logits_xC, teacher_logits_xC, valid_x = _logit_pair(
+        "forward_kl", student_logits_xC, teacher_logits_xC, mask)
+    kl_x = _kl_rows(_softened_log_probs(teacher_logits_xC, temperature),
+                    _softened_log_probs(student_logits_xC, temperature))
+    return _masked_mean(kl_x * temperature**2, valid_x)
+
+
+def reverse_kl(student_logits_xC, teacher_logits_xC, mask=None, *, temperature=1.0):
+    """T**2 * KL(softmax(student/T) || softmax(teacher/T)), masked mean over rows.
+
+    The mode-seeking direction (MiniLLM, GKD). T**2 scaling as in `forward_kl`.
+    """
+    _check_temperature("reverse_kl", temperature)
+    student_logits_xC, teacher_logits_xC, valid_x = _logit_pair(
+        "reverse_kl", student_logits_xC, teacher_logits_xC, mask)
+    kl_x = _kl_rows(_softened_log_probs(student_logits_xC, temperature),
+                    _softened_log_probs(teacher_logits_xC, temperature))
+    return _masked_mean(kl_x * temperature**2, valid_x)
+
+
+def _jsd_rows(log_t_xC, log_s_xC, beta):
+    """beta*KL(t||m) + (1-beta)*KL(s||m), m = beta*t + (1-beta)*s, for 0 < beta < 1."""
+    # The mixture in log space: log(beta*t + (1-beta)*s) stays finite where both
+    # probabilities underflow, which a log of the summed probabilities would not.
+    log_m_xC = jnp.logaddexp(log_t_xC + jnp.log(beta), log_s_xC + jnp.log1p(-beta))
+    return beta * _kl_rows(log_t_xC, log_m_xC) + (1.0 - beta) * _kl_rows(log_s_xC, log_m_xC)
+
+
+def generalized_jsd(student_logits_xC, teacher_logits_xC, mask=None, *, beta=0.5,
+                    temperature=1.0):
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al., 2024), times T**2.
+
+    For 0 < beta < 1, with t = softmax(teacher/T), s = softmax(student/T):
+
+        JSD(beta) = beta * KL(t || m) + (1 - beta) * KL(s || m),  m = beta*t + (1-beta)*s.
+
+    Convention at the ends (the one of the GKD paper's discussion and of TRL's
+    GKDTrainer): beta = 0 is defined as forward KL(t || s) and beta = 1 as reverse
+    KL(s || t), i.e. `generalized_jsd(beta=0) == forward_kl` and
+    `generalized_jsd(beta=1) == reverse_kl`. The formula above would give 0 at both ends;
+    near them it behaves like beta * KL(t || s) (beta -> 0) and (1 - beta) * KL(s || t)
+    (beta -> 1), so it has the direction of the endpoint but a scale that vanishes: the
+    endpoints are a jump in scale, not a continuous limit. beta may be a tracer (a
+    schedule); the endpoints are then selected with `jnp.where`.
+    """
+    _check_beta("generalized_jsd", beta)
+    _check_temperature("generalized_jsd", temperature)
+    student_logits_xC, teacher_logits_xC, valid_x = _logit_pair(
+        "generalized_jsd", student_logits_xC, teacher_logits_xC, mask)
+    log_t_xC = _softened_log_probs(teacher_logits_xC, temperature)
+    log_s_xC = _softened_log_probs(student_logits_xC, temperature)
+    if _is_tracer(beta):
+        beta = jnp.asarray(beta, _F32)
+        # Keep the interior formula's beta strictly inside (0, 1) so the unselected branch
+        # of the `where` never evaluates log(0) and poisons the gradient.
+        inner_beta = jnp.clip(beta, 1e-6, 1.0 - 1e-6)
+        div_x = jnp.where(
+            beta == 0.0, _kl_rows(log_t_xC, log_s_xC),
+            jnp.where(beta == 1.0, _kl_rows(log_s_xC, log_t_xC),
+                      _jsd_rows(log_t_xC, log_s_xC, inner_beta)))
+    elif float(beta) == 0.0:
+        div_x = _kl_rows(log_t_xC, log_s_xC)
+    elif float(beta) == 1.0:
+        div_x = _kl_rows(log_s_xC, log_t_xC)
+    else:
+        div_x = _jsd_rows(log_t_xC, log_s_xC, float(beta))
+    return _masked_mean(div_x * temperature**2, valid_x)
+
+
+def logit_mse(student_logits_xC, teacher_logits_xC, mask=None):
+    """Mean squared logit difference over the last axis, masked mean over rows."""
+    student_logits_xC, teacher_logits_xC, valid_x = _logit_pair(
+        "logit_mse", student_logits_xC, teacher_logits_xC, mask)
+    sq_err_x = jnp.mean(
+        jnp.square(student_logits_xC.astype(_F32) - teacher_logits_xC.astype(_F32)), axis=-1)
+    return _masked_mean(sq_err_x, valid_x)
+
+
+def cross_entropy(student_logits_xC, labels_x, mask=None, *, label_smoothing=0.0):
+    """Softmax cross-entropy against integer labels, masked mean over rows.
+
+    Label smoothing follows torch/optax: the target is (1 - ls) * one_hot + ls / C.
+    Labels of masked rows are ignored, so padding may carry any integer (e.g. -100).
+    """
+    _check_label_smoothing("cross_entropy", label_smoothing)
+    student_logits_xC = jnp.asarray(student_logits_xC)
+    labels_x = jnp.asarray(labels_x)
+    _check_rank("cross_entropy", "student_logits", student_logits_xC, 1)
+    if not jnp.issubdtype(labels_x.dtype, jnp.integer):
+        raise ValueError(f"cross_entropy: labels must be integer class ids, got dtype "
+                         f"{labels_x.dtype}")
+    if labels_x.shape != student_logits_xC.shape[:-1]:
+        raise ValueError(
+            f"cross_entropy: labels must have the logits' leading dims "
+            f"{tuple(student_logits_xC.shape[:-1])}, got {tuple(labels_x.shape)}")
+    valid_x = _check_mask("cross_entropy", mask, labels_x.shape, "the labels' shape")
+    num_classes = student_logits_xC.shape[-1]
+    log_probs_xC = jax.nn.log_softmax(student_logits_xC.astype(_F32), axis=-1)
+    targets_xC = jax.nn.one_hot(labels_x, num_classes, dtype=_F32)
+    targets_xC = (1.0 - label_smoothing) * targets_xC + label_smoothing / num_classes
+    return _masked_mean(-jnp.sum(targets_xC * log_probs_xC, axis=-1), valid_x)
+
+
+# ------------------------------------------------------------- sigmoid (per action)
+
+
+def _sigmoid_ce(logits_xK, targets_xK):
+    # -[y log sigmoid(x) + (1-y) log sigmoid(-x)], in log-sigmoid form: no log(0) for
+    # large |x|.
+    return -(targets_xK * jax.nn.log_sigmoid(logits_xK)
+             + (1.0 - targets_xK) * jax.nn.log_sigmoid(-logits_xK))
+
+
+def _sigmoid_pair(loss, student_logits_xK, target_xK, mask, target_name):
+    student_logits_xK = jnp.asarray(student_logits_xK)
+    target_xK = jnp.asarray(target_xK)
+    _check_same_shape(loss, "student_logits", student_logits_xK, target_name, target_xK)
+    valid_xK = _check_mask(loss, mask, student_logits_xK.shape,
+                           "one entry per logit: per-action masking")
+    return student_logits_xK, target_xK, valid_xK
+
+
+def binary_cross_entropy(student_logits_xK, targets_xK, mask=None):
+    """Sigmoid cross-entropy against targets in [0, 1] (hard labels or probabilities).
+
+    The mask has the logits' full shape ([..., K]) so single actions can be left out (e.g.
+    an action never shown to the user); the mean is over valid entries.
+    """
+    student_logits_xK, targets_xK, valid_xK = _sigmoid_pair(
+        "binary_cross_entropy", student_logits_xK, targets_xK, mask, "targets")
+    loss_xK = _sigmoid_ce(student_logits_xK.astype(_F32), targets_xK.astype(_F32))
+    return _masked_mean(loss_xK, valid_xK)
+
+
+def soft_binary_cross_entropy(student_logits_xK, teacher_logits_xK, mask=None, *,
+                              temperature=1.0):
+    """T**2 * sigmoid cross-entropy of student/T against sigmoid(teacher/T), per entry.
+
+    Cross-entropy, not KL: its minimum is the teacher's entropy, not 0; the gradient is
+    the same. T**2 keeps the gradient magnitude independent of T, as in `forward_kl`.
+    """
+    _check_temperature("soft_binary_cross_entropy", temperature)
+    student_logits_xK, teacher_logits_xK, valid_xK = _sigmoid_pair(
+        "soft_binary_cross_entropy", student_logits_xK, teacher_logits_xK, mask,
+        "teacher_logits")
+    targets_xK = jax.nn.sigmoid(teacher_logits_xK.astype(_F32) / temperature)
+    loss_xK = _sigmoid_ce(student_logits_xK.astype(_F32) / temperature, targets_xK)
+    return _masked_mean(loss_xK * temperature**2, valid_xK)
+
+
+# --------------------------------------------------------------- ranking (per list)
+
+
+def _score_pair(loss, student_scores_xN, teacher_scores_xN, mask):
+    student_scores_xN = jnp.asarray(student_scores_xN)
+    teacher_scores_xN = jnp.asarray(teacher_scores_xN)
+    _check_rank(loss, "student_scores", student_scores_xN, 1)
+    _check_same_shape(loss, "student_scores", student_scores_xN, "teacher_scores",
+                      teacher_scores_xN)
+    valid_xN = _check_mask(loss, mask, student_scores_xN.shape,
+                           "one entry per candidate")
+    if valid_xN is None:
+        valid_xN = jnp.ones(student_scores_xN.shape, bool)
+    return student_scores_xN.astype(_F32), teacher_scores_xN.astype(_F32), valid_xN
+
+
+def listwise_softmax_cross_entropy(student_scores_BxN, teacher_scores_BxN, mask=None, *,
+                                   temperature=1.0):
+    """ListNet: T**2 * CE(softmax(teacher/T), softmax(student/T)) over candidates (last axis).
+
+    Masked candidates are left out of both softmaxes; the mean is over lists with at least
+    one valid candidate. T**2 as in `forward_kl`.
+    """
+    loss = "listwise_softmax_cross_entropy"
+    _check_temperature(loss, temperature)
+    student_scores_BxN, teacher_scores_BxN, valid_BxN = _score_pair(
+        loss, student_scores_BxN, teacher_scores_BxN, mask)
+    # A finite fill, not -inf: a fully masked list then gives a uniform softmax instead of
+    # NaN (its value is discarded, and so is its gradient).
+    fill = jnp.finfo(_F32).min
+    log_s_BxN = jax.nn.log_softmax(
+        jnp.where(valid_BxN, student_scores_BxN / temperature, fill), axis=-1)
+    teacher_probs_BxN = jax.nn.softmax(
+        jnp.where(valid_BxN, teacher_scores_BxN / temperature, fill), axis=-1)
+    ce_B = -jnp.sum(jnp.where(valid_BxN, teacher_probs_BxN * log_s_BxN, 0.0), axis=-1)
+    return _masked_mean(ce_B * temperature**2, jnp.any(valid_BxN, axis=-1))
+
+
+def pairwise_margin_mse(student_scores_BxN, teacher_scores_BxN, mask=None):
+    """Margin-MSE: mean over valid ordered pairs (i != j) of ((s_i - s_j) - (t_i - t_j))**2.
+
+    The mean is over all valid pairs in the batch, so a list with n valid candidates
+    weighs n*(n-1). With e = s - t the pair term is (e_i - e_j)**2 and the per-list sum is
+    2 * n * sum((e - mean(e))**2): O(N) memory instead of an [N, N] pair matrix, and
+    centring first avoids the cancellation of n*sum(e**2) - sum(e)**2 when student and
+    teacher scores differ by a large offset (to which this loss is blind).
+    """
+    loss = "pairwise_margin_mse"
+    student_scores_BxN, teacher_scores_BxN, valid_BxN = _score_pair(
+        loss, student_scores_BxN, teacher_scores_BxN, mask)
+    valid_f_BxN = valid_BxN.astype(_F32)
+    err_BxN = jnp.where(valid_BxN, student_scores_BxN - teacher_scores_BxN, 0.0)
+    n_B = jnp.sum(valid_f_BxN, axis=-1)
+    mean_err_B = jnp.sum(err_BxN, axis=-1) / jnp.maximum(n_B, 1.0)
+    centred_BxN = jnp.where(valid_BxN, err_BxN - mean_err_B[..., None], 0.0)
+    pair_sum_B = 2.0 * n_B * jnp.sum(jnp.square(centred_BxN), axis=-1)
+    num_pairs = jnp.sum(n_B * (n_B - 1.0))
+    return jnp.sum(pair_sum_B) / jnp.maximum(num_pairs, 1.0)
+
+
+# -------------------------------------------------------------------------- hidden
+
+
+def _hidden_pair(loss, student_hidden_xDs, teacher_hidden_xDt, mask, projection_DsxDt):
+    """Projects the student to the teacher width; returns f32 pair and the row mask."""
+    student_hidden_xDs = jnp.asarray(student_hidden_xDs)
+    teacher_hidden_xDt = jnp.asarray(teacher_hidden_xDt)
+    _check_rank(loss, "student_hidden", student_hidden_xDs, 1)
+    _check_rank(loss, "teacher_hidden", teacher_hidden_xDt, 1)
+    width_s, width_t = student_hidden_xDs.shape[-1], teacher_hidden_xDt.shape[-1]
+    if student_hidden_xDs.shape[:-1] != teacher_hidden_xDt.shape[:-1]:
+        raise ValueError(
+            f"{loss}: teacher_hidden must have the leading dims of student_hidden "
+            f"{tuple(student_hidden_xDs.shape[:-1])}, got {tuple(teacher_hidden_xDt.shape[:-1])}")
+    student_xDs = student_hidden_xDs.astype(_F32)
+    if projection_DsxDt is None:
+        if width_s != width_t:
+            raise ValueError(
+                f"{loss}: student width {width_s} != teacher width {width_t}; pass "
+                f"projection_DsxDt of shape ({width_s}, {width_t}) (a learned student-side "
+                f"parameter)")
+        student_xDt = student_xDs
+    else:
+        projection_DsxDt = jnp.asarray(projection_DsxDt)
+        if projection_DsxDt.shape != (width_s, width_t):
+            raise ValueError(
+                f"{loss}: projection_DsxDt must have shape (student width {width_s}, teacher "
+                f"width {width_t}), got {tuple(projection_DsxDt.shape)}")
+        student_xDt = student_xDs @ projection_DsxDt.astype(_F32)
+    valid_x = _check_mask(loss, mask, student_hidden_xDs.shape[:-1],
+                          "the hidden states' leading dims")
+    return student_xDt, teacher_hidden_xDt.astype(_F32), valid_x
+
+
+def hidden_mse(student_hidden_xDs, teacher_hidden_xDt, mask=None, *, projection_DsxDt=None):
+    """Mean squared error of (projected) student vs teacher hidden states, masked rows."""
+    student_xDt, teacher_xDt, valid_x = _hidden_pair(
+        "hidden_mse", student_hidden_xDs, teacher_hidden_xDt, mask, projection_DsxDt)
+    return _masked_mean(jnp.mean(jnp.square(student_xDt - teacher_xDt), axis=-1), valid_x)
+
+
+_COSINE_EPS = 1e-8
+
+
+def hidden_cosine(student_hidden_xDs, teacher_hidden_xDt, mask=None, *,
+                  projection_DsxDt=None):
+    """1 - cosine similarity of (projected) student vs teacher hidden states, masked rows.
+
+    Norms are clamped at 1e-8 like torch's cosine_similarity; the clamp is inside the
+    sqrt so a zero vector has a zero, not NaN, gradient.
+    """
+    student_xDt, teacher_xDt, valid_x = _hidden_pair(
+        "hidden_cosine", student_hidden_xDs, teacher_hidden_xDt, mask, projection_DsxDt)
+
+    def norm(v_xD):
+        return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(v_xD), axis=-1), _COSINE_EPS**2))
+
+    cosine_x = jnp.sum(student_xDt * teacher_xDt, axis=-1) / (
+        norm(student_xDt) * norm(teacher_xDt))
+    return _masked_mean(1.0 - cosine_x, valid_x)
+
+
+# ------------------------------------------------------------------ token-level KL
+
+
+def chunked_token_kl(student_hidden_BxTxD, student_unembed_DxV, teacher_hidden_BxTxE,
+                     teacher_unembed_ExV, mask_BxT=None, *, temperature=1.0,
+                     chunk_size=128, kind="forward", vocab_size=None):
+    """Token-level T**2 * KL for chat distillation, never materialising [B, T, V] logits.
+
+    The sequence is cut into chunks of `chunk_size` tokens (T padded up with mask 0) and
+    `jax.lax.scan` computes both models' logits one [B, chunk, V] block at a time. The
+    chunk body is wrapped in `jax.checkpoint`, so the backward pass recomputes a chunk's
+    logits instead of storing all of them: peak memory is O(B * chunk * V), not
+    O(B * T * V). The teacher side is under `stop_gradient`.
+
+    kind: "forward" is KL(teacher || student), "reverse" is KL(student || teacher).
+    vocab_size: use only the first `vocab_size` unembedding columns of both models (the
+      shared real vocabulary when embedding tables are padded to a round size).
+    Logits are accumulated in float32 from bf16 inputs without an f32 copy of the
+    unembedding. Mean over valid tokens; T**2 as in `forward_kl`.
+    """
+    loss = "chunked_token_kl"
+    _check_temperature(loss, temperature)
+    _check_chunk_size(loss, chunk_size)
+    _check_kind(loss, kind)
+    _check_vocab_size(loss, vocab_size)
+    student_hidden_BxTxD = jnp.asarray(student_hidden_BxTxD)
+    teacher_hidden_BxTxE = jnp.asarray(teacher_hidden_BxTxE)
+    student_unembed_DxV = jnp.asarray(student_unembed_DxV)
+    teacher_unembed_ExV = jnp.asarray(teacher_unembed_ExV)
+    if student_hidden_BxTxD.ndim != 3:
+        raise ValueError(f"{loss}: student_hidden must be [B, T, D], got shape "
+                         f"{tuple(student_hidden_BxTxD.shape)}")
+    if teacher_hidden_BxTxE.ndim != 3 or (
+        teacher_hidden_BxTxE.shape[:2] != student_hidden_BxTxD.shape[:2]):
+        raise ValueError(
+            f"{loss}: teacher_hidden must be [B, T, E] with the student's [B, T] = "
+            f"{tuple(student_hidden_BxTxD.shape[:2])}, got shape "
+            f"{tuple(teacher_hidden_BxTxE.shape)}")
+    for name, hidden, unembed in (
+        ("student", student_hidden_BxTxD, student_unembed_DxV),
+        ("teacher", teacher_hidden_BxTxE, teacher_unembed_ExV)):
+        if unembed.ndim != 2 or unembed.shape[0] != hidden.shape[-1]:
+            raise ValueError(
+                f"{loss}: {name}_unembed must be [{hidden.shape[-1]}, V] to match "
+                f"{name}_hidden's width {hidden.shape[-1]}, got shape {tuple(unembed.shape)}")
+    vocab_s, vocab_t = student_unembed_DxV.shape[1], teacher_unembed_ExV.shape[1]
+    if vocab_size is None:
+        if vocab_s != vocab_t:
+            raise ValueError(
+                f"{loss}: student vocabulary {vocab_s} != teacher vocabulary {vocab_t}; pass "
+                f"vocab_size=<shared real vocabulary> to compare the first columns only")
+    else:
+        if vocab_size > min(vocab_s, vocab_t):
+            raise ValueError(
+                f"{loss}: vocab_size {vocab_size} exceeds an unembedding width (student "
+                f"{vocab_s}, teacher {vocab_t})")
+        student_unembed_DxV = student_unembed_DxV[:, :vocab_size]
+        teacher_unembed_ExV = teacher_unembed_ExV[:, :vocab_size]
+    batch, seq_len = student_hidden_BxTxD.shape[:2]
+    valid_BxT = _check_mask(loss, mask_BxT, (batch, seq_len), "[B, T] of the hidden states")
+    if valid_BxT is None:
+        valid_BxT = jnp.ones((batch, seq_len), bool)
+    teacher_unembed_ExV = jax.lax.stop_gradient(teacher_unembed_ExV)
+    teacher_hidden_BxTxE = jax.lax.stop_gradient(teacher_hidden_BxTxE)
+
+    # No point padding a short sequence up to a long default chunk.
+    chunk = min(chunk_size, seq_len) if seq_len > 0 else 1
+    num_chunks = -(-seq_len // chunk)
+    pad = num_chunks * chunk - seq_len
+
+    def to_chunks(x_BxT___):
+        # [B, T, ...] -> [num_chunks, B, chunk, ...]: scan runs over the leading axis.
+        widths = [(0, 0), (0, pad)] + [(0, 0)] * (x_BxT___.ndim - 2)
+        x_BxT___ = jnp.pad(x_BxT___, widths)
+        x = x_BxT___.reshape((batch, num_chunks, chunk) + x_BxT___.shape[2:])
+        return jnp.swapaxes(x, 0, 1)
+
+    @jax.checkpoint
+    def chunk_kl_sum(student_BxCxD, teacher_BxCxE, valid_BxC, student_unembed,
+                     teacher_unembed):
+        student_logits_BxCxV = jnp.einsum(
+            "bcd,dv->bcv", student_BxCxD, student_unembed, preferred_element_type=_F32)
+        teacher_logits_BxCxV = jnp.einsum(
+            "bce,ev->bcv", teacher_BxCxE, teacher_unembed, preferred_element_type=_F32)
+        log_s = _softened_log_probs(student_logits_BxCxV, temperature)
+        log_t = _softened_log_probs(teacher_logits_BxCxV, temperature)
+        kl_BxC = _kl_rows(log_t, log_s) if kind == "forward" else _kl_rows(log_s, log_t)
+        return jnp.sum(jnp.where(valid_BxC, kl_BxC, 0.0))
+
+    def body(total, chunk_inputs):
+        student_BxCxD, teacher_BxCxE, valid_BxC = chunk_inputs
+        kl_sum = chunk_kl_sum(student_BxCxD, teacher_BxCxE, valid_BxC, student_unembed_DxV,
+                              teacher_unembed_ExV)
+        return total + kl_sum, None
+
+    total, _ = jax.lax.scan(
+        body, jnp.zeros((), _F32),
+        (to_chunks(student_hidden_BxTxD), to_chunks(teacher_hidden_BxTxE),
+         to_chunks(valid_BxT)))
+    count = jnp.sum(valid_BxT.astype(_F32))
+    return total * temperature**2 / jnp.maximum(count, 1.0)
+
+
+# ------------------------------------------------------------------------ registry
+
+
+LOSSES: dict[str, Callable[..., jax.Array]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": generalized_jsd,
+    "logit_mse": logit_mse,
+    "bce": binary_cross_entropy,
+    "soft_bce": soft_binary_cross_entropy,
+    "listnet": listwise_softmax_cross_entropy,
+    "margin_mse": pairwise_margin_mse,
+    "hidden_mse": hidden_mse,
+    "hidden_cosine": hidden_cosine,
+    "cross_entropy": cross_entropy,
+    "token_kl": chunked_token_kl,
+}
+
+# Keyword-only arguments that are arrays supplied by the model at call time, not
+# hyper-parameters a config can set.
+_CALL_TIME_ARGS = frozenset({"projection_DsxDt"})
+
+
+def _config_hparams(fn: Callable) -> list[str]:
+    return [p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _CALL_TIME_ARGS]
+
+
+def check_hparams(name: str, hparams: dict) -> None:
+    """Validates a registered loss's config hyper-parameters; raises ValueError early.
+
+    Checks the loss name, that every key is a hyper-parameter of that loss (the allowed
+    ones are the loss's keyword-only arguments, less arrays such as projection_DsxDt that
+    the model passes at call time), and each value (temperature > 0, 0 <= beta <= 1,
+    0 <= label_smoothing < 1, chunk_size >= 1, kind in {forward, reverse}, vocab_size
+    None or >= 1).
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+    allowed = _config_hparams(LOSSES[name])
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"loss {name!r}: unknown hyper-parameter(s) {unknown}; allowed: {allowed}")
+    for key, value in hparams.items():
+        _HPARAM_CHECKS[key](name, value)
