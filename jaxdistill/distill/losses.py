@@ -4,8 +4,11 @@ Conventions shared by every loss here:
 
 * Reduction is a masked mean over the valid rows (or entries, for the per-action
   sigmoid losses), with the count guarded by max(count, 1): an all-masked batch gives 0,
-  never NaN. Masks may be bool or 0/1 numbers. Masked rows are selected away with
-  `jnp.where`, so whatever they hold (padding, huge values) cannot leak into the value.
+  never NaN. Masks may be bool or 0/1 numbers; other non-negative numbers act as row
+  weights, sum(w * loss) / max(sum(w), 1) (objectives' confidence weighting relies on
+  this; ranking losses use their candidate mask as membership only). Masked rows are
+  selected away with `jnp.where`, so whatever they hold (padding, huge values) cannot
+  leak into the value.
 * Leading dims are arbitrary ([B, C], [B, N, C], ...); the class/candidate/feature axis
   is last.
 * Everything is computed in float32 whatever the input dtype (bf16 activations are
@@ -115,7 +118,7 @@ def _check_same_shape(loss: str, name_a: str, a, name_b: str, b) -> None:
 
 
 def _check_mask(loss: str, mask, expected_shape, what: str):
-    """Returns the mask as a bool array after checking its shape against `what`."""
+    """Returns the mask as float32 weights after checking its shape against `what`."""
     if mask is None:
         return None
     mask = jnp.asarray(mask)
@@ -123,7 +126,7 @@ def _check_mask(loss: str, mask, expected_shape, what: str):
         raise ValueError(
             f"{loss}: mask must have shape {tuple(expected_shape)} ({what}), "
             f"got {tuple(mask.shape)}")
-    return mask != 0
+    return mask.astype(_F32)
 
 
 def _check_rank(loss: str, name: str, x, min_ndim: int) -> None:
@@ -135,14 +138,13 @@ def _check_rank(loss: str, name: str, x, min_ndim: int) -> None:
 # ------------------------------------------------------------------------- helpers
 
 
-def _masked_mean(values_x, valid_x) -> jax.Array:
-    """Mean of `values_x` over `valid_x` (None = all valid); 0 when nothing is valid."""
+def _masked_mean(values_x, weight_x) -> jax.Array:
+    """sum(w * values) / max(sum(w), 1) (None = all rows weigh 1); 0 when all w are 0."""
     values_x = values_x.astype(_F32)
-    if valid_x is None:
+    if weight_x is None:
         return jnp.mean(values_x)
-    total = jnp.sum(jnp.where(valid_x, values_x, 0.0))
-    count = jnp.sum(valid_x.astype(_F32))
-    return total / jnp.maximum(count, 1.0)
+    total = jnp.sum(jnp.where(weight_x != 0, values_x * weight_x, 0.0))
+    return total / jnp.maximum(jnp.sum(weight_x), 1.0)
 
 
 def _kl_rows(log_p_xC, log_q_xC) -> jax.Array:
@@ -166,9 +168,9 @@ def _logit_pair(loss: str, student_logits_xC, teacher_logits_xC, mask):
     _check_rank(loss, "student_logits", student_logits_xC, 1)
     _check_same_shape(loss, "student_logits", student_logits_xC, "teacher_logits",
                       teacher_logits_xC)
-    valid_x = _check_mask(loss, mask, student_logits_xC.shape[:-1],
+    weight_x = _check_mask(loss, mask, student_logits_xC.shape[:-1],
                           "the logits' leading dims")
-    return student_logits_xC, teacher_logits_xC, valid_x
+    return student_logits_xC, teacher_logits_xC, weight_x
 
 
 # ---------------------------------------------------------------- softmax (classes)
@@ -182,11 +184,11 @@ def forward_kl(student_logits_xC, teacher_logits_xC, mask=None, *, temperature=1
     keeps the same magnitude whatever T (it would otherwise shrink like 1/T**2).
     """
     _check_temperature("forward_kl", temperature)
-    student_logits_xC, teacher_logits_xC, valid_x = _logit_pair(
+    student_logits_xC, teacher_logits_xC, weight_x = _logit_pair(
         "forward_kl", student_logits_xC, teacher_logits_xC, mask)
     kl_x = _kl_rows(_softened_log_probs(teacher_logits_xC, temperature),
                     _softened_log_probs(student_logits_xC, temperature))
-    return _masked_mean(kl_x * temperature**2, valid_x)
+    return _masked_mean(kl_x * temperature**2, weight_x)
 
 
 def reverse_kl(student_logits_xC, teacher_logits_xC, mask=None, *, temperature=1.0):
@@ -195,11 +197,11 @@ def reverse_kl(student_logits_xC, teacher_logits_xC, mask=None, *, temperature=1
     The mode-seeking direction (MiniLLM, GKD). T**2 scaling as in `forward_kl`.
     """
     _check_temperature("reverse_kl", temperature)
-    student_logits_xC, teacher_logits_xC, valid_x = _logit_pair(
+    student_logits_xC, teacher_logits_xC, weight_x = _logit_pair(
         "reverse_kl", student_logits_xC, teacher_logits_xC, mask)
     kl_x = _kl_rows(_softened_log_probs(student_logits_xC, temperature),
                     _softened_log_probs(teacher_logits_xC, temperature))
-    return _masked_mean(kl_x * temperature**2, valid_x)
+    return _masked_mean(kl_x * temperature**2, weight_x)
 
 
 def _jsd_rows(log_t_xC, log_s_xC, beta):
@@ -229,7 +231,7 @@ def generalized_jsd(student_logits_xC, teacher_logits_xC, mask=None, *, beta=0.5
     """
     _check_beta("generalized_jsd", beta)
     _check_temperature("generalized_jsd", temperature)
-    student_logits_xC, teacher_logits_xC, valid_x = _logit_pair(
+    student_logits_xC, teacher_logits_xC, weight_x = _logit_pair(
         "generalized_jsd", student_logits_xC, teacher_logits_xC, mask)
     log_t_xC = _softened_log_probs(teacher_logits_xC, temperature)
     log_s_xC = _softened_log_probs(student_logits_xC, temperature)
@@ -248,16 +250,16 @@ def generalized_jsd(student_logits_xC, teacher_logits_xC, mask=None, *, beta=0.5
         div_x = _kl_rows(log_s_xC, log_t_xC)
     else:
         div_x = _jsd_rows(log_t_xC, log_s_xC, float(beta))
-    return _masked_mean(div_x * temperature**2, valid_x)
+    return _masked_mean(div_x * temperature**2, weight_x)
 
 
 def logit_mse(student_logits_xC, teacher_logits_xC, mask=None):
     """Mean squared logit difference over the last axis, masked mean over rows."""
-    student_logits_xC, teacher_logits_xC, valid_x = _logit_pair(
+    student_logits_xC, teacher_logits_xC, weight_x = _logit_pair(
         "logit_mse", student_logits_xC, teacher_logits_xC, mask)
     sq_err_x = jnp.mean(
         jnp.square(student_logits_xC.astype(_F32) - teacher_logits_xC.astype(_F32)), axis=-1)
-    return _masked_mean(sq_err_x, valid_x)
+    return _masked_mean(sq_err_x, weight_x)
 
 
 def cross_entropy(student_logits_xC, labels_x, mask=None, *, label_smoothing=0.0):
@@ -277,12 +279,12 @@ def cross_entropy(student_logits_xC, labels_x, mask=None, *, label_smoothing=0.0
         raise ValueError(
             f"cross_entropy: labels must have the logits' leading dims "
             f"{tuple(student_logits_xC.shape[:-1])}, got {tuple(labels_x.shape)}")
-    valid_x = _check_mask("cross_entropy", mask, labels_x.shape, "the labels' shape")
+    weight_x = _check_mask("cross_entropy", mask, labels_x.shape, "the labels' shape")
     num_classes = student_logits_xC.shape[-1]
     log_probs_xC = jax.nn.log_softmax(student_logits_xC.astype(_F32), axis=-1)
     targets_xC = jax.nn.one_hot(labels_x, num_classes, dtype=_F32)
     targets_xC = (1.0 - label_smoothing) * targets_xC + label_smoothing / num_classes
-    return _masked_mean(-jnp.sum(targets_xC * log_probs_xC, axis=-1), valid_x)
+    return _masked_mean(-jnp.sum(targets_xC * log_probs_xC, axis=-1), weight_x)
 
 
 # ------------------------------------------------------------- sigmoid (per action)
@@ -299,9 +301,9 @@ def _sigmoid_pair(loss, student_logits_xK, target_xK, mask, target_name):
     student_logits_xK = jnp.asarray(student_logits_xK)
     target_xK = jnp.asarray(target_xK)
     _check_same_shape(loss, "student_logits", student_logits_xK, target_name, target_xK)
-    valid_xK = _check_mask(loss, mask, student_logits_xK.shape,
+    weight_xK = _check_mask(loss, mask, student_logits_xK.shape,
                            "one entry per logit: per-action masking")
-    return student_logits_xK, target_xK, valid_xK
+    return student_logits_xK, target_xK, weight_xK
 
 
 def binary_cross_entropy(student_logits_xK, targets_xK, mask=None):
@@ -310,10 +312,10 @@ def binary_cross_entropy(student_logits_xK, targets_xK, mask=None):
     The mask has the logits' full shape ([..., K]) so single actions can be left out (e.g.
     an action never shown to the user); the mean is over valid entries.
     """
-    student_logits_xK, targets_xK, valid_xK = _sigmoid_pair(
+    student_logits_xK, targets_xK, weight_xK = _sigmoid_pair(
         "binary_cross_entropy", student_logits_xK, targets_xK, mask, "targets")
     loss_xK = _sigmoid_ce(student_logits_xK.astype(_F32), targets_xK.astype(_F32))
-    return _masked_mean(loss_xK, valid_xK)
+    return _masked_mean(loss_xK, weight_xK)
 
 
 def soft_binary_cross_entropy(student_logits_xK, teacher_logits_xK, mask=None, *,
@@ -324,12 +326,12 @@ def soft_binary_cross_entropy(student_logits_xK, teacher_logits_xK, mask=None, *
     the same. T**2 keeps the gradient magnitude independent of T, as in `forward_kl`.
     """
     _check_temperature("soft_binary_cross_entropy", temperature)
-    student_logits_xK, teacher_logits_xK, valid_xK = _sigmoid_pair(
+    student_logits_xK, teacher_logits_xK, weight_xK = _sigmoid_pair(
         "soft_binary_cross_entropy", student_logits_xK, teacher_logits_xK, mask,
         "teacher_logits")
     targets_xK = jax.nn.sigmoid(teacher_logits_xK.astype(_F32) / temperature)
     loss_xK = _sigmoid_ce(student_logits_xK.astype(_F32) / temperature, targets_xK)
-    return _masked_mean(loss_xK * temperature**2, valid_xK)
+    return _masked_mean(loss_xK * temperature**2, weight_xK)
 
 
 # --------------------------------------------------------------- ranking (per list)
@@ -343,8 +345,8 @@ def _score_pair(loss, student_scores_xN, teacher_scores_xN, mask):
                       teacher_scores_xN)
     valid_xN = _check_mask(loss, mask, student_scores_xN.shape,
                            "one entry per candidate")
-    if valid_xN is None:
-        valid_xN = jnp.ones(student_scores_xN.shape, bool)
+    # Candidates are in or out of the list; a weight would have no meaning here.
+    valid_xN = jnp.ones(student_scores_xN.shape, bool) if valid_xN is None else valid_xN != 0
     return student_scores_xN.astype(_F32), teacher_scores_xN.astype(_F32), valid_xN
 
 
@@ -367,7 +369,7 @@ def listwise_softmax_cross_entropy(student_scores_BxN, teacher_scores_BxN, mask=
     teacher_probs_BxN = jax.nn.softmax(
         jnp.where(valid_BxN, teacher_scores_BxN / temperature, fill), axis=-1)
     ce_B = -jnp.sum(jnp.where(valid_BxN, teacher_probs_BxN * log_s_BxN, 0.0), axis=-1)
-    return _masked_mean(ce_B * temperature**2, jnp.any(valid_BxN, axis=-1))
+    return _masked_mean(ce_B * temperature**2, jnp.any(valid_BxN, axis=-1).astype(_F32))
 
 
 def pairwise_margin_mse(student_scores_BxN, teacher_scores_BxN, mask=None):
@@ -421,16 +423,16 @@ def _hidden_pair(loss, student_hidden_xDs, teacher_hidden_xDt, mask, projection_
                 f"{loss}: projection_DsxDt must have shape (student width {width_s}, teacher "
                 f"width {width_t}), got {tuple(projection_DsxDt.shape)}")
         student_xDt = student_xDs @ projection_DsxDt.astype(_F32)
-    valid_x = _check_mask(loss, mask, student_hidden_xDs.shape[:-1],
+    weight_x = _check_mask(loss, mask, student_hidden_xDs.shape[:-1],
                           "the hidden states' leading dims")
-    return student_xDt, teacher_hidden_xDt.astype(_F32), valid_x
+    return student_xDt, teacher_hidden_xDt.astype(_F32), weight_x
 
 
 def hidden_mse(student_hidden_xDs, teacher_hidden_xDt, mask=None, *, projection_DsxDt=None):
     """Mean squared error of (projected) student vs teacher hidden states, masked rows."""
-    student_xDt, teacher_xDt, valid_x = _hidden_pair(
+    student_xDt, teacher_xDt, weight_x = _hidden_pair(
         "hidden_mse", student_hidden_xDs, teacher_hidden_xDt, mask, projection_DsxDt)
-    return _masked_mean(jnp.mean(jnp.square(student_xDt - teacher_xDt), axis=-1), valid_x)
+    return _masked_mean(jnp.mean(jnp.square(student_xDt - teacher_xDt), axis=-1), weight_x)
 
 
 _COSINE_EPS = 1e-8
@@ -443,7 +445,7 @@ def hidden_cosine(student_hidden_xDs, teacher_hidden_xDt, mask=None, *,
     Norms are clamped at 1e-8 like torch's cosine_similarity; the clamp is inside the
     sqrt so a zero vector has a zero, not NaN, gradient.
     """
-    student_xDt, teacher_xDt, valid_x = _hidden_pair(
+    student_xDt, teacher_xDt, weight_x = _hidden_pair(
         "hidden_cosine", student_hidden_xDs, teacher_hidden_xDt, mask, projection_DsxDt)
 
     def norm(v_xD):
@@ -451,7 +453,7 @@ def hidden_cosine(student_hidden_xDs, teacher_hidden_xDt, mask=None, *,
 
     cosine_x = jnp.sum(student_xDt * teacher_xDt, axis=-1) / (
         norm(student_xDt) * norm(teacher_xDt))
-    return _masked_mean(1.0 - cosine_x, valid_x)
+    return _masked_mean(1.0 - cosine_x, weight_x)
 
 
 # ------------------------------------------------------------------ token-level KL
@@ -513,9 +515,9 @@ def chunked_token_kl(student_hidden_BxTxD, student_unembed_DxV, teacher_hidden_B
         student_unembed_DxV = student_unembed_DxV[:, :vocab_size]
         teacher_unembed_ExV = teacher_unembed_ExV[:, :vocab_size]
     batch, seq_len = student_hidden_BxTxD.shape[:2]
-    valid_BxT = _check_mask(loss, mask_BxT, (batch, seq_len), "[B, T] of the hidden states")
-    if valid_BxT is None:
-        valid_BxT = jnp.ones((batch, seq_len), bool)
+    weight_BxT = _check_mask(loss, mask_BxT, (batch, seq_len), "[B, T] of the hidden states")
+    if weight_BxT is None:
+        weight_BxT = jnp.ones((batch, seq_len), _F32)
     teacher_unembed_ExV = jax.lax.stop_gradient(teacher_unembed_ExV)
     teacher_hidden_BxTxE = jax.lax.stop_gradient(teacher_hidden_BxTxE)
 
@@ -532,7 +534,7 @@ def chunked_token_kl(student_hidden_BxTxD, student_unembed_DxV, teacher_hidden_B
         return jnp.swapaxes(x, 0, 1)
 
     @jax.checkpoint
-    def chunk_kl_sum(student_BxCxD, teacher_BxCxE, valid_BxC, student_unembed,
+    def chunk_kl_sum(student_BxCxD, teacher_BxCxE, weight_BxC, student_unembed,
                      teacher_unembed):
         student_logits_BxCxV = jnp.einsum(
             "bcd,dv->bcv", student_BxCxD, student_unembed, preferred_element_type=_F32)
@@ -541,19 +543,19 @@ def chunked_token_kl(student_hidden_BxTxD, student_unembed_DxV, teacher_hidden_B
         log_s = _softened_log_probs(student_logits_BxCxV, temperature)
         log_t = _softened_log_probs(teacher_logits_BxCxV, temperature)
         kl_BxC = _kl_rows(log_t, log_s) if kind == "forward" else _kl_rows(log_s, log_t)
-        return jnp.sum(jnp.where(valid_BxC, kl_BxC, 0.0))
+        return jnp.sum(jnp.where(weight_BxC != 0, kl_BxC * weight_BxC, 0.0))
 
     def body(total, chunk_inputs):
-        student_BxCxD, teacher_BxCxE, valid_BxC = chunk_inputs
-        kl_sum = chunk_kl_sum(student_BxCxD, teacher_BxCxE, valid_BxC, student_unembed_DxV,
+        student_BxCxD, teacher_BxCxE, weight_BxC = chunk_inputs
+        kl_sum = chunk_kl_sum(student_BxCxD, teacher_BxCxE, weight_BxC, student_unembed_DxV,
                               teacher_unembed_ExV)
         return total + kl_sum, None
 
     total, _ = jax.lax.scan(
         body, jnp.zeros((), _F32),
         (to_chunks(student_hidden_BxTxD), to_chunks(teacher_hidden_BxTxE),
-         to_chunks(valid_BxT)))
-    count = jnp.sum(valid_BxT.astype(_F32))
+         to_chunks(weight_BxT)))
+    count = jnp.sum(weight_BxT)
     return total * temperature**2 / jnp.maximum(count, 1.0)
 
 

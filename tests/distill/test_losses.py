@@ -129,6 +129,15 @@ def test_token_kl_hand():
                               jnp.array([[[LN3, 0.0]]]), identity, kind="reverse"), 0.143841)
 
 
+def test_fractional_mask_is_a_row_weight():
+    # Objectives pass confidence weights as the mask: sum(w * loss) / max(sum(w), 1).
+    # Row 0 is the hand case above (KL 0.130812), row 1 has KL 0.
+    s, t, weights = [[0.0, 0.0], [1.0, 2.0]], [[LN3, 0.0], [1.0, 2.0]], [1.5, 0.5]
+    _close(lambda: L.forward_kl(s, t, weights), 1.5 * 0.130812 / 2.0)
+    _close(lambda: L.chunked_token_kl(jnp.array([s]), jnp.eye(2), jnp.array([t]), jnp.eye(2),
+                                      jnp.array([weights])), 1.5 * 0.130812 / 2.0)
+
+
 # ---------------------------------------------------- (b) independent references
 
 
