@@ -32,6 +32,8 @@ MODELS_PNG = "models_vs_metrics.png"
 CALIBRATION_PNG = "calibration.png"
 KAPPA_PNG = "kappa_by_dimension.png"
 
+_NON_FINITE = ("nan", "inf", "-inf", "infinity", "-infinity")
+
 # Headline metrics the all-models table and the bar chart show, in this order.
 _METRIC_PATTERNS = (r"ndcg_at_\d+$", r"poor_match_rate_at_\d+$", r"auroc_(?!.*_note$).+",
                     r"kappa$")
@@ -40,8 +42,10 @@ _METRIC_PATTERNS = (r"ndcg_at_\d+$", r"poor_match_rate_at_\d+$", r"auroc_(?!.*_n
 def read_metrics_jsonl(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} from a JSONL file of {"step": int, metric: number, ...}.
 
-    Non-numeric fields are skipped; a line that is not a JSON object with an integer "step"
-    is an error naming the file and line.
+    Non-numeric fields are skipped ("nan"/"inf" strings, as `metrics.py` writes non-finite
+    values, become floats). When steps go back (a run resumed from a checkpoint appends to the
+    same file), the later lines replace the earlier points from that step on. A line that is not
+    a JSON object with an integer "step" is an error naming the file and line.
     """
     path = Path(path)
     curves: dict[str, list[tuple[int, float]]] = {}
@@ -56,9 +60,16 @@ def read_metrics_jsonl(path: str | Path) -> dict[str, list[tuple[int, float]]]:
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError(f"{path}:{line_number}: expected a JSON object with an integer "
                                  f"'step'; found {line.strip()[:80]!r}")
+            step = record["step"]
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    curves.setdefault(key, []).append((record["step"], float(value)))
+                if isinstance(value, str) and value.lower() in _NON_FINITE:
+                    value = float(value)  # the metrics writer stores nan/inf as strings
+                if key == "step" or not _is_number(value):
+                    continue
+                points = curves.setdefault(key, [])
+                while points and points[-1][0] >= step:
+                    points.pop()  # a resumed run re-logs steps after its checkpoint: keep the rerun
+                points.append((step, float(value)))
     return curves
 
 

@@ -58,6 +58,14 @@ def test_read_metrics_jsonl(tmp_path):
     path.write_text('{"step": 0, "loss": 2.5, "lr": 0.001, "stage": "warmup"}\n\n'
                     '{"step": 10, "loss": 1.5}\n')
     assert report.read_metrics_jsonl(path) == {"loss": [(0, 2.5), (10, 1.5)], "lr": [(0, 0.001)]}
+    # Non-finite values as the metrics writer stores them; a resume that re-logs steps 10-20.
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0, "loss": 3.0}, {"step": 10, "loss": "nan"}, {"step": 20, "loss": 2.0},
+        {"step": 10, "loss": 2.2}, {"step": 20, "loss": 1.9}]))
+    loss = report.read_metrics_jsonl(path)["loss"]
+    assert [step for step, _ in loss] == [0, 10, 20] and loss[1:] == [(10, 2.2), (20, 1.9)]
+    path.write_text('{"step": 5, "loss": "nan"}\n')
+    assert np.isnan(report.read_metrics_jsonl(path)["loss"][0][1])
     path.write_text('{"step": 0, "loss": 2.5}\n{"loss": 1.0}\n')
     with pytest.raises(ValueError, match=r"m.jsonl:2: expected a JSON object with an integer 'step'"):
         report.read_metrics_jsonl(path)
