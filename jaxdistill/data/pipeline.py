@@ -19,6 +19,9 @@ Batch contract (B batch, T = max_len, N = list_size, F member features, K = len(
 - chat: `input_ids`, `attention_mask`, `loss_mask` (1 on assistant tokens, including the
   end-of-message token) int32 [B, T]; with `pack=True` also `segment_ids` (1, 2, ... per packed
   conversation, 0 on padding) and `positions` [B, T].
+- records carrying cached teacher outputs (`offline`, written by `jaxdistill cache-teacher`):
+  `offline` {teacher: {output: float32 [B, ...]}} (listwise: [B, N, ...], zeros on padding),
+  read by the step as an offline teacher's outputs.
 - with `skip_malformed=True`: `batch_malformed` int32 scalar, the malformed records skipped
   since the previous batch (sum it at the metric cadence).
 
@@ -68,7 +71,8 @@ class EncodeRecords(grain.transforms.Map):
 
     def __init__(self, *, kind: str, tokenizer, source_name: str, max_len: int,
                  member_features_dim: int, action_names: Sequence[str], list_size: int | None,
-                 pad_to_max_len: bool, skip_malformed: bool):
+                 pad_to_max_len: bool, skip_malformed: bool,
+                 offline_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None):
         if kind == "listwise" and not list_size:
             raise ValueError("listwise data needs list_size (candidates per query), got "
                              f"{list_size!r}")
@@ -79,6 +83,7 @@ class EncodeRecords(grain.transforms.Map):
         self.max_len, self.member_features_dim = max_len, member_features_dim
         self.action_names, self.list_size = tuple(sorted(action_names)), list_size
         self.pad_to_max_len, self.skip_malformed = pad_to_max_len, skip_malformed
+        self.offline_shapes = {t: dict(o) for t, o in (offline_shapes or {}).items()}
 
     def map(self, element: tuple[int, Any]) -> dict[str, np.ndarray] | _Malformed:
         index, record = element
@@ -88,6 +93,8 @@ class EncodeRecords(grain.transforms.Map):
                 raise RecordError(self.source_name, index, "member_features",
                                   f"{self.member_features_dim} floats (as the dataset's first "
                                   "record)", f"{len(record['member_features'])} floats")
+            if self.offline_shapes:
+                self._check_offline(record, index)
         except RecordError as error:
             if self.skip_malformed:
                 return _Malformed(str(error))
@@ -95,6 +102,27 @@ class EncodeRecords(grain.transforms.Map):
         if self.kind == "chat":
             return self._encode_chat(record, index)
         return self._encode_pairs(record)
+
+    def _check_offline(self, record: Mapping[str, Any], index: int) -> None:
+        items = (record["candidates"][: self.list_size] if self.kind == "listwise" else [record])
+        prefix = "candidates[{i}]." if self.kind == "listwise" else ""
+        for i, item in enumerate(items):
+            offline = item.get("offline", {})
+            for teacher, shapes in self.offline_shapes.items():
+                for output, shape in shapes.items():
+                    field = f"{prefix.format(i=i)}offline.{teacher}.{output}"
+                    value = offline.get(teacher, {}).get(output)
+                    found = None if value is None else np.shape(value)
+                    if found != shape:
+                        raise RecordError(self.source_name, index, field,
+                                          f"an array of shape {shape} (as the first record)",
+                                          "missing" if value is None else f"shape {found}")
+
+    def _offline(self, item: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+        offline = item.get("offline", {})
+        return {teacher: {output: np.asarray(offline[teacher][output], np.float32)
+                          for output in shapes}
+                for teacher, shapes in self.offline_shapes.items()}
 
     def _pad(self, ids: list[int], value: int) -> np.ndarray:
         out = np.full(self.max_len, value, np.int32)
@@ -120,7 +148,11 @@ class EncodeRecords(grain.transforms.Map):
             grade = candidate["grade"] if self.kind != "impressions" else 0
             probs = candidate.get("grade_probs")
             actions = candidate.get("actions", {})
-            rows.append({
+            if self.offline_shapes:
+                rows.append({"offline": self._offline(candidate)})
+            else:
+                rows.append({})
+            rows[-1].update({
                 "input_ids": self._pad(ids, pad_id),
                 "attention_mask": self._pad([1] * len(ids), 0),
                 "token_type_ids": self._pad([0] * start + [1] * (len(ids) - start), 0),
@@ -137,10 +169,10 @@ class EncodeRecords(grain.transforms.Map):
         if self.kind != "listwise":
             return {**rows[0], **features}
         n_real = len(rows)
-        blank = {k: np.zeros_like(v) for k, v in rows[0].items()}
+        blank = jax.tree.map(np.zeros_like, rows[0])
         blank["input_ids"] = np.full_like(rows[0]["input_ids"], pad_id)
         rows += [blank] * (self.list_size - n_real)
-        stacked = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *rows)
         stacked["candidate_mask"] = (np.arange(self.list_size) < n_real).astype(np.float32)
         return {**stacked, **features}
 
@@ -235,6 +267,7 @@ def make_dataset(
     prefetch: int = 2,
     drop_remainder: bool = True,
     skip_malformed: bool = False,
+    offline_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
 ) -> grain.IterDataset:
     """Builds the batch pipeline over a record source (e.g. `sources.open_source(...)`).
 
@@ -245,6 +278,9 @@ def make_dataset(
     processes (each keeping `prefetch` batches ready); otherwise `prefetch` batches are
     prepared ahead by threads. Malformed records raise `RecordError` naming source, index and
     field, or with `skip_malformed` are dropped and counted in `batch_malformed`.
+    Cached teacher outputs (`offline`) go into every batch with the shapes of the split's
+    first record (per candidate for listwise) unless `offline_shapes` ({teacher: {output:
+    shape}}, `{}` for none) says otherwise; a record lacking one fails like a malformed one.
     """
     kind = kind or getattr(source, "kind", None)
     if kind not in ("chat", *PAIR_KINDS):
@@ -258,6 +294,8 @@ def make_dataset(
     source_name = getattr(source, "name", type(source).__name__)
     if member_features_dim is None:
         member_features_dim = 0 if kind == "chat" else len(source[0].get("member_features", []))
+    if offline_shapes is None:
+        offline_shapes = {} if kind == "chat" else offline_shapes_of(source[0], kind)
 
     dataset = grain.MapDataset.source(_IndexedSource(source))
     # Equal shards (the remainder is dropped) keep every host stepping in lockstep.
@@ -272,7 +310,8 @@ def make_dataset(
     dataset = dataset.map(EncodeRecords(
         kind=kind, tokenizer=tokenizer, source_name=source_name, max_len=max_len,
         member_features_dim=member_features_dim, action_names=action_names,
-        list_size=list_size, pad_to_max_len=not pack, skip_malformed=skip_malformed))
+        list_size=list_size, pad_to_max_len=not pack, skip_malformed=skip_malformed,
+        offline_shapes=offline_shapes))
     read_options = grain.ReadOptions(
         num_threads=0 if worker_count else 2,
         prefetch_buffer_size=0 if worker_count else max(prefetch, 1) * batch_size)
@@ -294,6 +333,20 @@ def make_dataset(
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)))
     return iter_dataset
+
+
+def offline_shapes_of(record: Mapping[str, Any], kind: str) -> dict[str, dict[str, tuple]]:
+    """{teacher: {output: shape}} of the cached teacher outputs one record carries (listwise:
+    its first candidate's, per candidate)."""
+    item = record
+    if kind == "listwise":
+        candidates = record.get("candidates") or [{}]
+        item = candidates[0] if isinstance(candidates[0], Mapping) else {}
+    offline = item.get("offline", {}) if isinstance(item, Mapping) else {}
+    if not isinstance(offline, Mapping):
+        return {}
+    return {teacher: {name: np.shape(value) for name, value in outputs.items()}
+            for teacher, outputs in offline.items() if isinstance(outputs, Mapping)}
 
 
 def iterator_state(iterator: grain.DatasetIterator) -> dict[str, Any]:

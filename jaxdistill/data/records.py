@@ -50,6 +50,11 @@ _MEMBER_FIELDS = (
         Field("member_features", "list[float]", True, "dense member features; may be empty"),
 )
 
+_OFFLINE_FIELD = Field(
+        "offline", "dict[str, dict[str, array]]", False,
+        "cached teacher outputs, teacher -> output -> (nested) list of floats; written by "
+        "`jaxdistill cache-teacher`")
+
 SCHEMAS: dict[str, tuple[Field, ...]] = {
         "pointwise": (
                 Field("query", "str", True, "the search query; non-empty"),
@@ -57,6 +62,7 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
                 *_MEMBER_FIELDS,
                 Field("grade", "int", True, "policy grade 0..4"),
                 Field("grade_probs", "list[float] (5)", False, "judge's soft label over grades 0..4, sums to 1"),
+                _OFFLINE_FIELD,
         ),
         "listwise": (
                 Field("query", "str", True, "the search query; non-empty"),
@@ -67,6 +73,7 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
                 Field("candidates[].grade_probs", "list[float] (5)", False, "soft label over grades, sums to 1"),
                 Field("candidates[].position", "int", False, "position shown (0-based), >= 0"),
                 Field("candidates[].actions", "dict[str, int]", False, "action name -> 0/1"),
+                dataclasses.replace(_OFFLINE_FIELD, name="candidates[].offline"),
         ),
         "impressions": (
                 Field("query", "str", True, "the search query; non-empty"),
@@ -74,6 +81,7 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
                 Field("document", "str", True, "the document shown; non-empty"),
                 Field("position", "int", True, "position shown (0-based), >= 0"),
                 Field("actions", "dict[str, int]", True, "action name -> 0/1 (e.g. click, apply, dismiss)"),
+                _OFFLINE_FIELD,
         ),
         "chat": (
                 Field("messages", "list[message]", True, "at least one message"),
@@ -135,6 +143,26 @@ class _Checker:
                 self.fail(path, "non-empty str action names", name)
             self.integer(flag, f"{path}.{name}", 0, 1)
 
+    def offline(self, value: Any, path: str) -> None:
+        if not isinstance(value, dict):
+            self.fail(path, "dict teacher -> {output: list of floats}", value)
+        for teacher, outputs in value.items():
+            if not isinstance(outputs, dict) or not outputs:
+                self.fail(f"{path}.{teacher}", "non-empty dict output -> list of floats", outputs)
+            for name, array in outputs.items():
+                self.array(array, f"{path}.{teacher}.{name}")
+
+    def array(self, value: Any, path: str) -> tuple[int, ...]:
+        """A rectangular nested list of finite floats; returns its shape."""
+        if not isinstance(value, list):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                self.fail(path, "finite float or list", value)
+            return ()
+        shapes = {self.array(x, f"{path}[{i}]") for i, x in enumerate(value)}
+        if len(shapes) > 1:
+            self.fail(path, "a rectangular array (equal-length rows)", value)
+        return (len(value), *(shapes.pop() if shapes else ()))
+
     def member(self, record: Mapping) -> None:
         self.text(record, "member", "member", allow_empty=True)
         self.floats(self.get(record, "member_features", "member_features"), "member_features")
@@ -162,6 +190,8 @@ def validate_record(kind: str, record: Any, *, source: str, index: int) -> None:
         return
     check.text(record, "query", "query")
     check.member(record)
+    if "offline" in record and kind != "listwise":
+        check.offline(record["offline"], "offline")
     if kind == "pointwise":
         check.text(record, "document", "document")
         check.integer(check.get(record, "grade", "grade"), "grade", 0, NUM_GRADES - 1)
@@ -187,6 +217,8 @@ def validate_record(kind: str, record: Any, *, source: str, index: int) -> None:
                 check.integer(candidate["position"], f"{path}.position", 0, None)
             if "actions" in candidate:
                 check.actions(candidate["actions"], f"{path}.actions")
+            if "offline" in candidate:
+                check.offline(candidate["offline"], f"{path}.offline")
 
 
 def schema_markdown() -> str:
