@@ -58,11 +58,13 @@ _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
     "bert": "BertModel",
 }
-# Checkpoint tensors that carry nothing our backbones use. BERT's pooler and MLM/NSP heads are
-# pre-training heads; our task heads replace them.
+# Checkpoint tensors that carry nothing our backbones use (canonical-name patterns, and how
+# messages describe them). BERT's pooler and MLM/NSP heads are pre-training heads; our task
+# heads replace them. A tied decoder's stored lm_head.weight is ignored as transformers does.
 _IGNORED = {
-    "decoder": (r".*rotary_emb\.inv_freq",),
-    "encoder": (r"pooler\..*", r"cls\..*", r"embeddings\.position_ids"),
+    "decoder": ((r".*rotary_emb\.inv_freq", "rotary_emb.inv_freq buffers"),),
+    "encoder": ((r"pooler\..*", "pooler.*"), (r"cls\..*", "cls.* pre-training heads"),
+                (r"embeddings\.position_ids", "embeddings.position_ids")),
 }
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -281,6 +283,17 @@ def _export_name(name: str, family: str) -> str:
 # ----------------------------------------------------------------------------- checkpoint files
 
 
+def _pickle_files(hf_dir: Path) -> list[str]:
+    """Pickled weight files: those a `pytorch_model.bin.index.json` lists, else all but
+    `training_args.bin` (a pickle of the trainer's arguments, not weights)."""
+    index = hf_dir / "pytorch_model.bin.index.json"
+    if index.is_file():
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    return sorted(p.name for p in hf_dir.iterdir()
+                  if p.suffix in _PICKLE_SUFFIXES and p.name != "training_args.bin")
+
+
 def _torch_to_numpy(tensor) -> np.ndarray:
     import torch
 
@@ -303,7 +316,7 @@ class _Checkpoint:
                 for name in names:
                     self._add(_canonical(name, family), file, name)
             return
-        pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        pickles = _pickle_files(hf_dir)
         if not pickles:
             raise FileNotFoundError(
                 f"{hf_dir}: no weights found; expected model.safetensors, sharded "
@@ -354,6 +367,9 @@ class _Checkpoint:
             self._handles[file] = safe_open(self.dir / file, framework="numpy")
         return self._handles[file]
 
+    def stored_name(self, name: str) -> str:
+        return self._where[name][1]
+
     @property
     def names(self) -> set[str]:
         return set(self._where)
@@ -387,27 +403,27 @@ def _check_tensors(ckpt: _Checkpoint, tensors: list[_Tensor], shapes: Params, ba
         hf_shape = tuple(reversed(per_layer)) if t.linear else tuple(per_layer)
         for i in range(backbone.layers if t.stacked else 1):
             expected[t.hf.format(i=i)] = hf_shape
-    kind = "encoder" if family == "bert" else "decoder"
-    ignored_patterns = list(_IGNORED[kind])
+    ignorable = list(_IGNORED["encoder" if family == "bert" else "decoder"])
     if isinstance(backbone, DecoderConfig) and backbone.tie_embeddings:
-        ignored_patterns.append(r"lm_head\.weight")  # tied: the embedding is the output layer
+        ignorable.append((r"lm_head\.weight", "lm_head.weight (tie_word_embeddings)"))
     ignored = {n for n in ckpt.names - expected.keys()
-               if any(re.fullmatch(p, n) for p in ignored_patterns)}
+               if any(re.fullmatch(pattern, n) for pattern, _ in ignorable)}
     missing = sorted(expected.keys() - ckpt.names)
-    unexpected = sorted(ckpt.names - expected.keys() - ignored)
+    unexpected = sorted(ckpt.stored_name(n) for n in ckpt.names - expected.keys() - ignored)
     problems = []
     if missing:
-        problems.append(f"missing tensors {_some(missing)}")
+        prefix = {"bert": "'bert.' prefix optional"}.get(family, "'model.' prefix optional")
+        problems.append(f"missing tensors ({prefix}) {_some(missing)}")
     if unexpected:
         problems.append(f"unexpected tensors {_some(unexpected)}")
     for name in sorted(expected.keys() & ckpt.names):
         if ckpt.shape(name) != expected[name]:
-            problems.append(f"tensor {name!r} has shape {ckpt.shape(name)}, the config.json "
-                            f"implies {expected[name]}")
+            problems.append(f"tensor {ckpt.stored_name(name)!r} has shape {ckpt.shape(name)}, "
+                            f"config.json implies {expected[name]}")
     if problems:
         raise ValueError(
             f"{ckpt.dir}: checkpoint does not match its {family} config: " + "; ".join(problems)
-            + f" (ignored as irrelevant: {', '.join(ignored_patterns)})"
+            + f" (ignored as irrelevant: {', '.join(d for _, d in ignorable)})"
         )
     if ignored:
         log.info("%s: ignored %d tensors: %s", ckpt.dir, len(ignored), _some(sorted(ignored)))

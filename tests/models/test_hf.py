@@ -52,10 +52,18 @@ def _batch():
     return ids * mask, mask
 
 
+def _token_types():
+    """A BERT pair: segment B from position 3 on (for encoders only)."""
+    _, mask = _batch()
+    return ((np.arange(T)[None] >= 3) * mask).astype(np.int32)
+
+
 def _torch_outputs(path, family):
     ids, mask = _batch()
     kw = dict(attn_implementation="eager", dtype=torch.float32)
     inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+    if family == "bert":
+        inputs["token_type_ids"] = torch.tensor(_token_types(), dtype=torch.long)
     with torch.no_grad():
         hidden = transformers.AutoModel.from_pretrained(path, **kw)(**inputs).last_hidden_state
         logits = None
@@ -68,7 +76,8 @@ def _torch_outputs(path, family):
 def _our_outputs(cfg, params):
     ids, mask = _batch()
     backbone = functional(cfg).bind(params).backbone
-    hidden = backbone(jax.numpy.asarray(ids), jax.numpy.asarray(mask))
+    types = _token_types() if cfg.backbone.type == "encoder" else None
+    hidden = backbone(jax.numpy.asarray(ids), jax.numpy.asarray(mask), token_type_ids_BxT=types)
     logits = hidden @ backbone.unembedding() if cfg.backbone.type == "decoder" else None
     return np.asarray(hidden), None if logits is None else np.asarray(logits)
 
@@ -203,6 +212,18 @@ def test_bert_export_loads_in_transformers(tmp_path):
     assert cfg2 == cfg and cfg2.backbone.pooling == "mean"
     _leaves_equal(params, params2)
     _assert_close_at_real(_our_outputs(cfg, params)[0], _torch_outputs(out, "bert")[0])
+
+
+def test_untied_llama_export_loads_in_transformers(tmp_path):
+    _save_random("llama", tmp_path / "hf", tie_word_embeddings=False)
+    cfg, params = hf.load_hf(tmp_path / "hf", dtype="float32")
+    out = hf.export_hf(cfg, params, tmp_path / "export")
+    assert "lm_head.weight" in load_file(out / "model.safetensors")
+    _leaves_equal(params, hf.load_hf(out, dtype="float32")[1])
+    hidden, logits = _our_outputs(cfg, params)
+    torch_hidden, torch_logits = _torch_outputs(out, "llama")
+    _assert_close_at_real(hidden, torch_hidden)
+    _assert_close_at_real(logits, torch_logits)
 
 
 def test_fresh_heads_are_seeded_by_name(tmp_path):
