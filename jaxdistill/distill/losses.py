@@ -220,9 +220,9 @@ def generalized_jsd(student_logits_xC, teacher_logits_xC, mask=None, *, beta=0.5
 
         JSD(beta) = beta * KL(t || m) + (1 - beta) * KL(s || m),  m = beta*t + (1-beta)*s.
 
-    Convention at the ends (the one of the GKD paper's discussion and of TRL's
-    GKDTrainer): beta = 0 is defined as forward KL(t || s) and beta = 1 as reverse
-    KL(s || t), i.e. `generalized_jsd(beta=0) == forward_kl` and
+    Convention at the ends, following the GKD reading of beta (0 ~ forward KL, 1 ~
+    reverse KL, as TRL's GKDTrainer also documents it): beta = 0 is defined as forward
+    KL(t || s) and beta = 1 as reverse KL(s || t), i.e. `generalized_jsd(beta=0) == forward_kl` and
     `generalized_jsd(beta=1) == reverse_kl`. The formula above would give 0 at both ends;
     near them it behaves like beta * KL(t || s) (beta -> 0) and (1 - beta) * KL(s || t)
     (beta -> 1), so it has the direction of the endpoint but a scale that vanishes: the
