@@ -182,6 +182,8 @@ def read_yaml(path: Path, *, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+    if isinstance(data.get("policy"), str) and not Path(data["policy"]).is_absolute():
+        data["policy"] = str(path.parent / data["policy"])  # relative to the file naming it
     base = data.pop("base", None)
     if base is None:
         return data
@@ -190,10 +192,15 @@ def read_yaml(path: Path, *, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive merge of mappings; anything else in `override` replaces the base's value."""
+    """Recursive merge of mappings; anything else in `override` replaces the base's value.
+
+    `null` over a mapping removes it (e.g. a teacher the base names and this file drops).
+    """
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if value is None and isinstance(out.get(key), Mapping):
+            del out[key]
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = merge(out[key], value)
         else:
             out[key] = value
