@@ -787,7 +787,8 @@ def shared_vocab_size(tokenizer_a, tokenizer_b=None) -> int:
     a = _as_tokenizer(tokenizer_a)
     if tokenizer_b is None:
         return len(a)
-    size = check_same_tokenizer("a", a, "b", _as_tokenizer(tokenizer_b), token_level=True)
+    size = check_same_tokenizer("tokenizer_a", a, "tokenizer_b", _as_tokenizer(tokenizer_b),
+                                token_level=True)
     assert size is not None
     return size
 
