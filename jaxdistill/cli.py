@@ -330,10 +330,10 @@ def cmd_pipeline(args) -> None:
             raise
         raise UserError("`jaxdistill pipeline` is not available yet (jaxdistill.pipeline is not "
                         "installed); run the stages with train / distill / eval / export") from None
-    run = module.main
-    if not callable(run):  # a jaxdistill/pipeline/ package with a main module
-        run = run.main
-    run(args.config, preset=args.preset, overrides=args.set)
+    options = {k: v for k, v in (("preset", args.preset), ("workdir", args.workdir)) if v}
+    code = module.main(args.config, **options)
+    if code:
+        raise SystemExit(code)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -521,8 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "Run every stage (teachers, student, calibration, evaluation, report) of a "
                 "pipeline config, re-running only what changed.")
     p.add_argument("config", help="pipeline YAML")
-    p.add_argument("--preset", help="size preset")
-    _add_set(p)
+    p.add_argument("--preset", help="size preset (default: the pipeline's own)")
+    p.add_argument("--workdir", help="where stages write (default: the pipeline's own)")
     p.set_defaults(handler=cmd_pipeline)
     return parser
 
@@ -536,7 +536,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UserError, ValueError, KeyError, FileNotFoundError,
                                         FileExistsError, NotADirectoryError, IsADirectoryError]
     for module_name, attr in (("jaxdistill.checkpoint", "CheckpointError"),
-                              ("jaxdistill.train", "TeacherManifestError")):
+                              ("jaxdistill.train", "TeacherMismatchError")):
         module = sys.modules.get(module_name)
         if module is not None and isinstance(getattr(module, attr, None), type):
             types.append(getattr(module, attr))

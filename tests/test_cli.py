@@ -283,3 +283,57 @@ def test_cached_teacher_terms_equal_online(dataset_dir, tokenizer_dir, tmp_path)
     with pytest.raises(ConfigError, match="holds no outputs of teacher 'engagement'"):
         cache.check_offline_sources(load_config(EXAMPLES / "student.yaml", [
             f"data.path={first}", f"teachers.engagement.source=offline:{first}"]))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_train_teachers_distill_eval_export(dataset_dir, tokenizer_dir, tmp_path, capsys):
+    """Two teachers on labels, a student from both, its evaluation and HF export, all through
+    the CLI on the tiny example configs."""
+    runs = tmp_path / "runs"
+    relevance, engagement, student = runs / "relevance", runs / "engagement", runs / "student"
+    common = data_overrides(dataset_dir, tokenizer_dir, relevance_head=False)
+    token_ids = data_overrides(dataset_dir, tokenizer_dir)[-1]
+
+    def sets(*overrides):
+        return [item for o in overrides for item in ("--set", o)]
+
+    for config, run_dir, extra in (("relevance_teacher", relevance, [token_ids]),
+                                   ("engagement_teacher", engagement, [])):
+        code, out, err = run_cli(capsys, "train", EXAMPLES / f"{config}.yaml",
+                                 *sets(*common, *extra), "--run-dir", run_dir)
+        assert code == 0, err
+        assert json.loads(out)["step"] == 12
+    code, out, err = run_cli(
+        capsys, "distill", EXAMPLES / "student.yaml",
+        *sets(*common, token_ids, f"teachers.relevance.source=run:{relevance}",
+              f"teachers.engagement.source=run:{engagement}"), "--run-dir", student)
+    assert code == 0, err
+    for name in ("config.yaml", "run.json", "metrics.jsonl", "checkpoints"):
+        assert (student / name).exists(), name
+    logged = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*logged)
+    assert {"loss/relevance_kd", "loss/engagement_kd", "loss/listwise", "loss/total"} <= keys
+
+    code, out, err = run_cli(capsys, "eval", student)
+    assert code == 0, err
+    result = json.loads(out)
+    assert (student / "eval_validation.json").is_file()
+    assert set(result["terms"]) >= {"loss/relevance_kd", "loss/engagement_kd", "loss/total"}
+    assert all(np.isfinite(v) for v in result["terms"].values())
+    assert 0 <= result["metrics"]["relevance/ndcg_at_10"] <= 1
+
+    code, out, err = run_cli(capsys, "inspect", "checkpoint", student)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["steps"] and set(info["teachers"]) == {"relevance", "engagement"}
+
+    export = tmp_path / "export"
+    code, out, err = run_cli(capsys, "export", student, "--out", export)
+    assert code == 0, err
+    assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
+    code, out, err = run_cli(capsys, "inspect", "hf", export)
+    assert code == 0, err
+    assert json.loads(out)["hidden"] == 32
