@@ -270,9 +270,15 @@ def format_errors(err: pydantic.ValidationError, data: Mapping[str, Any], source
     # A list whose item failed also reports itself as too short; the item's error is the news.
     errors = [e for e in errors if not (e["type"] == "too_short" and any(
         len(o["loc"]) > len(e["loc"]) and o["loc"][:len(e["loc"])] == e["loc"] for o in errors))]
-    lines = [f"{source}: invalid config ({len(errors)} error(s))"]
-    for e in errors:
-        shown, parent = _resolve_loc(e["loc"])
+    resolved = [(e, *_resolve_loc(e["loc"])) for e in errors]
+    # A mapping given to a `float | Model` field fails the float member too; the model
+    # member's errors (deeper under the same key) are the ones that say what to fix.
+    resolved = [(e, shown, parent) for e, shown, parent in resolved
+                if not (shown and isinstance(e.get("input"), Mapping) and any(
+                    len(other) > len(shown) and other[:len(shown)] == shown
+                    for _, other, _ in resolved))]
+    lines = [f"{source}: invalid config ({len(resolved)} error(s))"]
+    for e, shown, parent in resolved:
         key = _dotted(shown)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
