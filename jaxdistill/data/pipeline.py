@@ -91,8 +91,8 @@ class EncodeRecords(grain.transforms.Map):
             validate_record(self.kind, record, source=self.source_name, index=index)
             if self.kind != "chat" and len(record["member_features"]) != self.member_features_dim:
                 raise RecordError(self.source_name, index, "member_features",
-                                  f"{self.member_features_dim} floats (as the dataset's first "
-                                  "record)", f"{len(record['member_features'])} floats")
+                                  f"{self.member_features_dim} floats (member_features_dim, "
+                                  "or the first record's width when unset)", f"{len(record['member_features'])} floats")
             if self.offline_shapes:
                 self._check_offline(record, index)
         except RecordError as error:
