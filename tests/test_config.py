@@ -208,3 +208,21 @@ def test_term_and_teacher_validation_surfaced(override, expected):
     assert expected in message
     assert "Value error" not in message
     assert "(1 error(s))" in message  # no echo of the failed item as a too-short list
+
+
+def test_docs_show_current_record_schemas():
+    from jaxdistill.data.records import schema_markdown
+
+    docs = (EXAMPLES.parents[1] / "docs" / "configs.md").read_text()
+    assert schema_markdown() in docs, "regenerate docs/configs.md's record section"
+
+
+def test_documented_experiment_is_valid():
+    from jaxdistill.config import validate
+
+    docs = (EXAMPLES.parents[1] / "docs" / "configs.md").read_text()
+    block = next(b for b in docs.split("```yaml\n")[1:] if "name: student" in b).split("```")[0]
+    data = yaml.safe_load(block)
+    data.pop("base")
+    cfg = validate(data, source="docs/configs.md")
+    assert [t.name for t in cfg.objective] == ["relevance_kd", "engagement_kd", "listwise"]
