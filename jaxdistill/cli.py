@@ -309,10 +309,10 @@ def cmd_inspect_checkpoint(args) -> None:
 
 
 def cmd_inspect_data(args) -> None:
+    directory = _existing_dir(args.dir, "dataset")
     from jaxdistill import cache
     from jaxdistill.data import sources
 
-    directory = _existing_dir(args.dir, "dataset")
     _print_json({"path": directory, **sources.dataset_info(directory),
                  "offline_teachers": cache.read_manifest(directory)})
 
