@@ -235,6 +235,7 @@ def _model_cfg(name: str):
     return ModelConfig(backbone=model.backbone, heads=model.heads)
 
 
+@pytest.mark.slow
 def test_cached_teacher_terms_equal_online(dataset_dir, tokenizer_dir, tmp_path):
     """Both teachers cached (one after the other) give the same distillation terms, on the same
     batch, as the same teachers run online."""
