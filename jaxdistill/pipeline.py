@@ -436,8 +436,9 @@ def _target(name: str, value: float, goal: float, op: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------- run
 
 
-def run(path: str | Path, preset_name: str = "laptop", workdir: str | Path | None = None
-        ) -> dict[str, Any]:
+def run(path: str | Path, preset_name: str = "laptop", workdir: str | Path | None = None, *,
+        evaluate: bool = True) -> dict[str, Any]:
+    """Runs (or reuses) every stage; `evaluate=False` stops after training, reporting keys."""
     cfg, base_dir = load_pipeline(path)
     if preset_name not in cfg.presets:
         raise config_lib.ConfigError(
@@ -463,6 +464,11 @@ def run(path: str | Path, preset_name: str = "laptop", workdir: str | Path | Non
                        "evaluate": cfg.evaluate.model_dump(), "alpha": cfg.alpha,
                        "data": data.key})
     eval_dir = workdir / "evaluation" / eval_key
+    outputs = {n: {"key": s.key, "cached": s.cached, "path": str(s.path)}
+               for n, s in [("data", data), *stages.items()]}
+    outputs["evaluation"] = {"key": eval_key, "cached": _done(eval_dir), "path": str(eval_dir)}
+    if not evaluate:
+        return {"stages": outputs, "seconds": time.time() - started}
     if _done(eval_dir):
         summary = json.loads((eval_dir / "evaluation.json").read_text())
         _say("evaluation: cached")
@@ -470,8 +476,7 @@ def run(path: str | Path, preset_name: str = "laptop", workdir: str | Path | Non
         summary = evaluate_models(cfg, data, stages, experiments, eval_dir,
                                   experiments[cfg.main_student].data.action_names)
         _mark_done(eval_dir, {"key": eval_key})
-    summary["stages"] = {n: {"key": s.key, "cached": s.cached, "path": str(s.path)}
-                         for n, s in [("data", data), *stages.items()]}
+    summary["stages"] = outputs
     summary["seconds"] = time.time() - started
     _print_summary(summary)
     return summary

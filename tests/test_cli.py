@@ -210,9 +210,6 @@ def test_inspect_config_prints_resolved_yaml(capsys):
     assert resolved["optimizer"]["b1"] == 0.9  # a default, filled in
 
 
-@pytest.mark.xfail(reason="builtin:wordpiece assigns ids in a different order on each build "
-                          "(data/tokenizer.py); the examples' ids hold only for some builds",
-                   strict=False)
 def test_example_token_ids_are_yes_no():
     from jaxdistill.config import load_config
     from jaxdistill.data.tokenizer import load_tokenizer, yes_no_token_ids

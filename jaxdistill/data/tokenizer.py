@@ -10,13 +10,14 @@ ranking heads read p("Yes") against p("No").
 
 from __future__ import annotations
 
+import collections
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
-from tokenizers import processors, trainers
+from tokenizers import processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 BUILTIN_PREFIX = "builtin:"
@@ -52,16 +53,29 @@ I you we they it my your our their question answer sure sorry here is are not do
 def build_tokenizer(
     texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike
 ) -> PreTrainedTokenizerFast:
-    """Trains a WordPiece tokenizer on `texts`, saves it as an HF directory, returns it."""
-    model = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    model.normalizer = normalizers.NFKC()  # case kept: "Yes" must stay "Yes"
-    model.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    """A WordPiece tokenizer over `texts`' most frequent words, saved as an HF directory.
+
+    Deterministic: the same texts give the same vocabulary and ids in every process (a trained
+    WordPiece breaks ties differently from run to run, which would silently change the token
+    ids a trained model's heads read). The vocabulary is the special tokens, every character
+    seen (alone and as a `##` continuation, so any word in the corpus's alphabet encodes), then
+    whole words by frequency (ties by spelling) up to `vocab_size`.
+    """
+    normalizer = normalizers.NFKC()  # case kept: "Yes" must stay "Yes"
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: collections.Counter[str] = collections.Counter()
+    for text in [*texts, " ".join(ANSWER_WORDS)]:
+        words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        counts.update(word for word, _ in words)
+    chars = sorted({c for word in counts for c in word})
+    vocab = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab += words[: max(vocab_size - len(vocab), 0)]
+    model = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)},
+                                       unk_token="[UNK]", max_input_chars_per_word=100))
+    model.normalizer = normalizer
+    model.pre_tokenizer = pre_tokenizer
     model.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=1,
-        show_progress=False)
-    texts = list(texts)
-    model.train_from_iterator([*texts, " ".join(ANSWER_WORDS)], trainer=trainer)
     missing = [w for w in ANSWER_WORDS if w not in model.get_vocab()]
     # single_word: "Yesterday" must not be split into "Yes" + "terday".
     model.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in missing])

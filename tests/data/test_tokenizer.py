@@ -47,3 +47,15 @@ def test_bad_tokenizer_specs_fail_clearly(tmp_path):
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(ValueError, match="unknown built-in"):
         load_tokenizer("builtin:bpe")
+
+
+def test_builtin_tokenizer_ids_are_the_same_in_every_process():
+    """A model trained in one process reads token ids built in another: they must agree."""
+    import subprocess
+    import sys
+
+    script = ("from jaxdistill.data.tokenizer import load_tokenizer as l; "
+              "t = l('builtin:wordpiece'); print(sorted(t.get_vocab().items()))")
+    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              check=True).stdout for _ in range(2)}
+    assert len(outputs) == 1

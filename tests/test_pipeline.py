@@ -1,0 +1,81 @@
+"""The job-search pipeline's stage cache: what re-runs after an edit, and what does not."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jaxdistill import pipeline
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "job_search"
+
+TINY_MODEL = [
+    "model.backbone.hidden=16", "model.backbone.layers=1", "model.backbone.heads=2",
+    "model.backbone.kv_heads=1", "model.backbone.head_dim=8", "model.backbone.mlp=32",
+]
+
+
+def tiny_pipeline(tmp_path: Path) -> Path:
+    """The real stage configs and policy, with a tiny preset and three stages."""
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO_CONFIGS, configs)
+    spec = yaml.safe_load((configs / "pipeline.yaml").read_text())
+    spec["stages"] = {k: spec["stages"][k]
+                      for k in ("relevance_teacher", "engagement_teacher", "student")}
+    spec["tokenizer_vocab_size"] = 200
+    spec["presets"] = {"tiny": {
+        "workload": {"preset": "laptop", "n_members": 120, "n_jobs": 120, "train_queries": 24,
+                     "validation_queries": 4, "test_queries": 4, "golden_queries": 4,
+                     "list_size": 4},
+        "set": ["trainer.steps=1", "optimizer.total_steps=1", "optimizer.warmup_steps=0",
+                "trainer.log_every=1", "trainer.eval_every=1", "trainer.eval_batches=1",
+                "checkpoint.every=1", "data.max_len=24", "data.list_size=4",
+                "data.batch_size=8", "trainer.progress=false", "logging.tensorboard=false",
+                *TINY_MODEL],
+    }}
+    (configs / "pipeline.yaml").write_text(yaml.safe_dump(spec))
+    return configs / "pipeline.yaml"
+
+
+def rerun(path: Path, workdir: Path) -> dict[str, tuple[str, bool]]:
+    """{stage: (key, reused from cache)}; evaluation is not run, only keyed."""
+    stages = pipeline.run(path, "tiny", workdir, evaluate=False)["stages"]
+    return {name: (out["key"], out["cached"]) for name, out in stages.items()}
+
+
+@pytest.mark.slow
+def test_editing_a_stage_reruns_only_what_depends_on_it(tmp_path):
+    path, workdir = tiny_pipeline(tmp_path), tmp_path / "runs"
+    first = rerun(path, workdir)
+    assert not any(cached for _, cached in first.values())
+
+    again = rerun(path, workdir)  # nothing changed: the same keys, every stage reused
+    assert {n: k for n, (k, _) in again.items()} == {n: k for n, (k, _) in first.items()}
+    assert all(cached for name, (_, cached) in again.items() if name != "evaluation")
+
+    engagement = path.parent / "engagement_teacher.yaml"
+    engagement.write_text(engagement.read_text().replace("hidden: 64", "hidden: 48"))
+    edited = rerun(path, workdir)
+    changed = {name for name in edited if edited[name][0] != first[name][0]}
+    assert changed == {"engagement_teacher", "student", "evaluation"}
+    assert edited["relevance_teacher"][1] and edited["data"][1]  # reused
+    assert not edited["engagement_teacher"][1] and not edited["student"][1]  # retrained
+
+    policy = path.parent / "policy.md"
+    policy.write_text(policy.read_text().replace("thresholds: [1.0, 1.9, 2.7, 3.5]",
+                                                 "thresholds: [1.0, 2.0, 2.7, 3.5]"))
+    relabelled = rerun(path, workdir)
+    assert all(relabelled[n][0] != edited[n][0] for n in relabelled)
+    assert not any(cached for _, cached in relabelled.values())
+
+
+def test_unknown_preset_and_stage_errors_name_the_file(tmp_path):
+    path = tiny_pipeline(tmp_path)
+    with pytest.raises(Exception, match="unknown preset 'huge'"):
+        pipeline.run(path, "huge", tmp_path / "runs", evaluate=False)
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"]["student"]["warm_start"] = "nonexistent"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(Exception, match=r"pipeline.yaml: stages.student depends on unknown"):
+        pipeline.load_pipeline(path)
