@@ -390,6 +390,49 @@ class ModelJudge:
         return _smoothed(centre_N, self.policy.rules.soft_labels.temperature)
 
 
+def lm_score_fn(model: Any, params: Any, tokenizer: Any, *, max_len: int = 2048,
+                batch_size: int = 8) -> Callable[[list[str]], np.ndarray]:
+    """A `ModelJudge` score_fn from a decoder of ours (`Functional` + params, e.g. HF-imported).
+
+    p("Yes") = softmax over the ("No", "Yes") logits at each prompt's last token, read through
+    the output embedding for those two tokens only. Prompts longer than `max_len` lose their
+    beginning (the policy's preamble), never the question at the end.
+    """
+    import jax  # a model judge needs jax; the rest of this module does not
+
+    from jaxdistill.data.tokenizer import yes_no_token_ids
+
+    if model.cfg.backbone.type != "decoder":
+        raise ValueError("a model judge needs a decoder backbone (it reads p('Yes') from the "
+                         f"output embedding); got {model.cfg.backbone.type!r}")
+    yes_id, no_id = yes_no_token_ids(tokenizer)
+
+    @jax.jit
+    def p_yes(params, input_ids_BxT, attention_mask_BxT):
+        backbone = model.bind(params).backbone
+        hidden_BxTxD = backbone(input_ids_BxT, attention_mask_BxT)
+        last_B = attention_mask_BxT.sum(-1) - 1
+        pooled_BxD = hidden_BxTxD[np.arange(hidden_BxTxD.shape[0]), last_B]
+        logits_Bx2 = backbone.token_logits(pooled_BxD, (no_id, yes_id))
+        return jax.nn.softmax(logits_Bx2.astype(np.float32), axis=-1)[:, 1]
+
+    def score(prompts: list[str]) -> np.ndarray:
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            rows = len(chunk)
+            chunk += [chunk[-1]] * (batch_size - rows)  # one compiled shape
+            enc = tokenizer(chunk, padding="max_length", truncation=True, max_length=max_len,
+                            padding_side="right", truncation_side="left", return_tensors="np",
+                            add_special_tokens=False)
+            probs = p_yes(params, enc["input_ids"].astype(np.int32),
+                          enc["attention_mask"].astype(np.int32))
+            out.append(np.asarray(probs)[:rows])
+        return np.concatenate(out) if out else np.zeros(0)
+
+    return score
+
+
 # --- Agreement --------------------------------------------------------------------------
 
 def weighted_kappa(a: Sequence[int], b: Sequence[int], n_classes: int = N_GRADES) -> float:

@@ -191,3 +191,35 @@ def test_judge_protocol_is_satisfied(policy):
                                      ModelJudge(lambda p: np.zeros(len(p)), policy)]
     for judge in judges:
         assert judge.grade_distribution(_pairs(ROWS)).shape == (6, 5)
+
+
+def test_model_judge_scores_with_a_decoder_of_ours():
+    """lm_score_fn: p(Yes) from a real (tiny, random) decoder, equal to its token-score head."""
+    import jax
+
+    from jaxdistill.data.tokenizer import load_tokenizer, yes_no_token_ids
+    from jaxdistill.judge import ModelJudge, Pairs, lm_score_fn, load_policy
+    from jaxdistill.models.model import ModelConfig, functional
+
+    tokenizer = load_tokenizer("builtin:wordpiece")
+    yes_id, no_id = yes_no_token_ids(tokenizer)
+    model = functional(ModelConfig(
+        backbone={"type": "decoder", "vocab_size": len(tokenizer), "hidden": 32, "layers": 1,
+                  "heads": 2, "kv_heads": 1, "head_dim": 16, "mlp": 64, "dtype": "float32"},
+        heads={"relevance": {"type": "token_score", "token_ids": (no_id, yes_id)}}))
+    params = model.init(0)
+    score = lm_score_fn(model, params, tokenizer, max_len=64, batch_size=4)
+    policy = load_policy(POLICY)
+    pairs = Pairs(query=["data scientist remote"] * 5, member=["senior data scientist"] * 5,
+                  document=[f"job {i} python sql" for i in range(5)])
+    judge = ModelJudge(score, policy)
+    p_yes = judge.p_yes(pairs)
+    # The same probabilities through the model's own token-score head on the same tokens.
+    enc = tokenizer(judge.prompts(pairs), padding="max_length", truncation=True, max_length=64,
+                    truncation_side="left", return_tensors="np", add_special_tokens=False)
+    logits = model.apply(params, {"input_ids": enc["input_ids"].astype("int32"),
+                                  "attention_mask": enc["attention_mask"].astype("int32")})
+    expected = jax.nn.softmax(logits["relevance"], axis=-1)[:, 1]
+    np.testing.assert_allclose(p_yes, expected, rtol=1e-5)
+    assert judge.grades(pairs).shape == (5,)
+    np.testing.assert_allclose(judge.grade_distribution(pairs).sum(-1), 1.0, rtol=1e-6)
