@@ -318,36 +318,36 @@ def _split_host_counters(batch: dict[str, Any]) -> int:
 
 
 def _agreement(term: Term, student_outputs, teacher_outputs, batch):
-    """How often the student picks what the teacher (or label) picks, for this term's output.
+    """How often the student decides as the teacher (or the label) does, for this term's output.
 
-    Class logits: same argmax; binary logits: same side of 0.5; ranking scores (listnet,
-    margin_mse): same top candidate. None for hidden-state and token-level terms.
+    Ranking terms (listnet, margin_mse): same top candidate; binary terms (bce, soft_bce) and
+    transformed scalar scores: same side of the decision threshold (0 for logits and log-odds,
+    0.5 for probabilities and labels); cross_entropy: argmax equals the label; other logits:
+    same argmax. None for hidden-state and token-level terms.
     """
     student = student_outputs.get(term.student)
     if student is None or isinstance(student, tuple) or term.loss in (
             "hidden_mse", "hidden_cosine", "token_kl"):
         return None
-    target = (teacher_output(teacher_outputs, batch, term) if term.teacher is not None
-              else batch[term.label])
+    distilled = term.teacher is not None
+    target = teacher_output(teacher_outputs, batch, term) if distilled else batch[term.label]
     student = apply_transform(student, term.transform).astype(jnp.float32)
-    if term.teacher is not None:
-        target = apply_transform(target, term.transform)
-    target = jnp.asarray(target).astype(jnp.float32)
+    target = jnp.asarray(apply_transform(target, term.transform) if distilled else target)
     mask = None if term.mask is None else batch[term.mask].astype(jnp.float32)
-    if term.transform == "yes_prob":
-        student, target = jnp.log(student) - jnp.log1p(-student), (
-            jnp.log(target) - jnp.log1p(-target) if term.teacher is not None else target)
     if term.loss == "cross_entropy":
         agree = jnp.argmax(student, -1) == target.astype(jnp.int32)
-    elif term.loss in ("bce", "soft_bce") or term.transform is not None and student.ndim == 1:
-        threshold = 0.0 if term.loss == "soft_bce" or term.teacher is not None else 0.5
-        agree = (student > 0) == (target > threshold)
     elif term.loss in ("listnet", "margin_mse"):
+        target = target.astype(jnp.float32)
         if mask is not None and mask.shape == student.shape:
             student = jnp.where(mask > 0, student, -jnp.inf)
             target = jnp.where(mask > 0, target, -jnp.inf)
             mask = jnp.any(mask > 0, -1).astype(jnp.float32)
         agree = jnp.argmax(student, -1) == jnp.argmax(target, -1)
+    elif term.loss in ("bce", "soft_bce") or term.transform is not None:
+        probabilities = term.transform == "yes_prob"
+        student_threshold = 0.5 if probabilities else 0.0
+        target_threshold = student_threshold if distilled and term.loss != "bce" else 0.5
+        agree = (student > student_threshold) == (target > target_threshold)
     else:
         agree = jnp.argmax(student, -1) == jnp.argmax(target, -1)
     agree = agree.astype(jnp.float32)

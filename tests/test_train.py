@@ -122,6 +122,7 @@ def test_keep_best_keeps_the_best_step_and_load_params_reads_it(teacher_run):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_distill_from_a_run_teacher_and_refuse_other_teachers(teacher_run, data_dir, tokenizer,
                                                                tmp_path):
     teacher_dir = teacher_run[0].run_dir
@@ -294,3 +295,20 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tokenizer, t
     assert len(logged_batches(log_path)) == step  # saved at the step reached, none skipped
     reader = Checkpointer(tmp_path / "sigterm" / CHECKPOINT_SUBDIR, read_only=True)
     assert reader.all_steps() == [step]
+
+
+def test_agreement_per_loss_kind():
+    from jaxdistill.distill.objectives import Term
+
+    scores = {"relevance": jnp.array([[0.1, 0.9, 5.0], [2.0, 0.0, 1.0]])}
+    teacher = {"t": {"relevance": jnp.array([[0.0, 1.0, -9.0], [3.0, 1.0, 0.0]])}}
+    batch = {"candidate_mask": jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]),
+             "grade": jnp.array([1, 2])}
+    listnet = Term(name="d", loss="listnet", student="relevance", teacher="t",
+                   mask="candidate_mask")
+    # Row 0: the masked third candidate is ignored, both pick index 1; row 1: both pick 0.
+    assert float(train._agreement(listnet, scores, teacher, batch)) == 1.0
+    ce = Term(name="c", loss="cross_entropy", student="relevance", label="grade")
+    assert float(train._agreement(ce, scores, teacher, batch)) == 0.0  # argmax 2, 0 vs 1, 2
+    bce = Term(name="b", loss="soft_bce", student="relevance", teacher="t")
+    assert float(train._agreement(bce, scores, teacher, batch)) == pytest.approx(2 / 6)
