@@ -80,6 +80,9 @@ class Term(BaseModel):
             raise ValueError(f"term {self.name!r}: weight must be >= 0, got {self.weight}")
         if self.confidence_label is not None and self.teacher is None:
             raise ValueError(f"term {self.name!r}: confidence_label needs a teacher")
+        if self.confidence_label is not None and self.loss in ("listnet", "margin_mse", "token_kl"):
+            raise ValueError(f"term {self.name!r}: confidence_label weights rows; loss "
+                             f"{self.loss!r} compares whole lists or sequences")
         return self
 
     @property
@@ -164,21 +167,6 @@ def teacher_output(teacher_outputs, batch, term: Term):
     return outputs[term.source_output]
 
 
-def _weighted_loss(term: Term, student: jax.Array, target: jax.Array, weights: jax.Array):
-    """Weighted mean of a loss over the units its weights index (rows, or per-action entries).
-
-    The losses take 0/1 masks only (a float mask would be read as `mask != 0`), so each unit's
-    value is computed on its own and the weights are applied here.
-    """
-    n = weights.size
-    unit = lambda x: x.reshape((n, 1) + x.shape[weights.ndim:])  # noqa: E731
-    loss_fn = lambda s, t: losses.LOSSES[term.loss](s, t, None, **term.hparams)  # noqa: E731
-    values_N = jax.vmap(loss_fn)(unit(student), unit(target))
-    weights_N = weights.reshape(n)
-    total = jnp.sum(jnp.where(weights_N > 0, weights_N * values_N, 0.0))
-    return total / jnp.maximum(jnp.sum(weights_N), 1e-6)
-
-
 def compute_objective(
     terms: tuple[Term, ...],
     student_outputs: Mapping[str, Any],
@@ -201,7 +189,8 @@ def compute_objective(
             target = jax.lax.stop_gradient(teacher_output(teacher_outputs, batch, term))
             if term.confidence_label is not None:
                 labels = _lookup(batch, term.confidence_label, term.name)
-                weights = confidence_weights(target, labels, mask)
+                # The losses read a non-binary mask as per-row weights.
+                mask = confidence_weights(target, labels, mask)
         else:
             target = label_view(_lookup(batch, term.label, term.name), term.label_transform)
         if term.loss == "token_kl":
@@ -213,10 +202,7 @@ def compute_objective(
             student = apply_transform(student, term.transform)
             if term.teacher is not None:
                 target = apply_transform(target, term.transform)
-            if term.confidence_label is not None:
-                value = _weighted_loss(term, student, target, weights)
-            else:
-                value = losses.LOSSES[term.loss](student, target, mask, **term.hparams)
+            value = losses.LOSSES[term.loss](student, target, mask, **term.hparams)
         metrics[f"loss/{term.name}"] = value
         total = total + term.weight_at(step) * value
     metrics["loss/total"] = total
