@@ -61,7 +61,6 @@ class PipelineConfig(_Strict):
     workdir: str = "runs/job_search"
     policy: str
     tokenizer_vocab_size: int = Field(default=1000, ge=64)
-    alpha: float = Field(default=0.5, ge=0, le=1)
     main_student: str
     stages: dict[str, StageSpec]
     presets: dict[str, PresetSpec]
@@ -260,9 +259,10 @@ def predict_stage(stage: StageOutput, experiment: config_lib.Experiment,
     }
     inputs = [b for _, b in zip(range(spec.throughput_batches), train._pipeline(experiment, tokenizer, "test",
                                                                  train=False))]
-    keep = ("input_ids", "attention_mask", "token_type_ids", "member_features")
-    inputs = [{k: v for k, v in b.items() if k in keep} for b in inputs]
-    apply = jax.jit(model.apply)
+    keep = ("input_ids", "attention_mask", "token_type_ids", "member_features", "position")
+    # On the device before timing: the rate is the model's, not the host transfer's.
+    inputs = [jax.device_put({k: v for k, v in b.items() if k in keep}) for b in inputs]
+    apply = model.jit_apply
     items = [int(np.prod(b["input_ids"].shape[:-1])) for b in inputs]
 
     def score(batch):
@@ -286,24 +286,24 @@ def _golden_dimensions(data: StageOutput, rows: int, list_size: int) -> dict[str
     return dims
 
 
-def _combined_objective(cfg: PipelineConfig, model: Predictions, relevance: Predictions,
-                        engagement: Predictions) -> float:
-    """alpha * KL(relevance teacher || model) + (1 - alpha) * soft BCE(engagement || model),
-    on the test split, with the losses the student is trained with."""
+def _combined_objective(terms, model: Predictions, teachers: Mapping[str, Predictions]) -> float:
+    """The main student's distillation objective (its terms, weights and temperatures at the end
+    of training) for any model, on the test split; NaN for a model lacking one of the heads."""
     import jax.numpy as jnp
 
-    from jaxdistill.distill import losses
+    from jaxdistill.distill.objectives import compute_objective
 
-    out, rel, eng = (p.outputs["test"] for p in (model, relevance, engagement))
-    if "relevance" not in out or "actions" not in out:
+    def arrays(outputs, batch: bool):
+        return {k.removeprefix("batch/"): jnp.asarray(v) for k, v in outputs.items()
+                if k.startswith("batch/") == batch}
+
+    out = model.outputs["test"]
+    if any(term.student not in out for term in terms):
         return math.nan
-    mask = rel["batch/candidate_mask"]
-    kl = losses.forward_kl(jnp.asarray(out["relevance"]), jnp.asarray(rel["relevance"]),
-                           jnp.asarray(mask), temperature=2.0)
-    bce = losses.soft_binary_cross_entropy(jnp.asarray(out["actions"]),
-                                           jnp.asarray(eng["actions"]),
-                                           jnp.asarray(rel["batch/action_mask"]))
-    return float(cfg.alpha * kl + (1 - cfg.alpha) * bce)
+    teacher_outputs = {name: arrays(p.outputs["test"], False) for name, p in teachers.items()}
+    total, _ = compute_objective(tuple(terms), arrays(out, False), teacher_outputs,
+                                 arrays(out, True), jnp.asarray(2**30))
+    return float(total)
 
 
 def evaluate_models(cfg: PipelineConfig, data: StageOutput, stages: Mapping[str, StageOutput],
@@ -346,7 +346,9 @@ def evaluate_models(cfg: PipelineConfig, data: StageOutput, stages: Mapping[str,
             for i, action in enumerate(action_names):
                 row[f"auroc_{action}"] = evaluate.auroc(
                     probs[..., i], labels[..., i], (action_mask[..., i] > 0) & mask)
-        row["combined_objective"] = _combined_objective(cfg, p, relevance, engagement)
+        row["combined_objective"] = _combined_objective(
+            experiments[cfg.main_student].objective, p,
+            {"relevance_teacher": relevance, "engagement_teacher": engagement})
         rows.append(row)
     by_name = {r["model"]: r for r in rows}
 
@@ -408,8 +410,11 @@ def evaluate_models(cfg: PipelineConfig, data: StageOutput, stages: Mapping[str,
         "student-teacher relevance spearman": agreement.get("relevance", {}).get("spearman"),
         "student-teacher click spearman": agreement.get("click", {}).get("spearman"),
     }
-    curves = {name: report.read_metrics_jsonl(stage.path / "metrics.jsonl")
-              for name, stage in stages.items() if (stage.path / "metrics.jsonl").is_file()}
+    curves = {}  # per stage: its loss terms, train and eval
+    for name, stage in stages.items():
+        if (stage.path / "metrics.jsonl").is_file():
+            metrics = report.read_metrics_jsonl(stage.path / "metrics.jsonl")
+            curves[name] = {k: v for k, v in metrics.items() if "loss/" in k}
     out.mkdir(parents=True, exist_ok=True)
     report_path = report.write_report(
         out, headline=headline, models_table=rows, curves=curves, calibration=calib_summary,
@@ -461,7 +466,7 @@ def run(path: str | Path, preset_name: str = "laptop", workdir: str | Path | Non
              f"({stages[name].path})")
 
     eval_key = digest({"stages": {n: s.key for n, s in stages.items()},
-                       "evaluate": cfg.evaluate.model_dump(), "alpha": cfg.alpha,
+                       "evaluate": cfg.evaluate.model_dump(),
                        "data": data.key})
     eval_dir = workdir / "evaluation" / eval_key
     outputs = {n: {"key": s.key, "cached": s.cached, "path": str(s.path)}

@@ -44,10 +44,12 @@ from jaxdistill.models.model import Functional, ModelConfig, Params, functional
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+TOKEN_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "segment_ids",
+                          "positions"})
 # Batch keys a model reads; everything else in a batch is a label or mask for the objective.
 MODEL_INPUTS = frozenset(
     {"input_ids", "attention_mask", "token_type_ids", "segment_ids", "positions",
-     "member_features"})
+     "member_features", "position"})
 
 
 class TeacherMismatchError(RuntimeError):
@@ -257,8 +259,15 @@ def initial_params(cfg: config_lib.Experiment, student: Functional, mesh, rules)
     backbone = section.backbone
     params = None
     if section.init != "scratch":
-        _, params = load_model(section.init, heads=section.heads, dtype=backbone.dtype,
-                               param_dtype=backbone.param_dtype, mesh=mesh, rules=rules)
+        source_cfg, params = load_model(section.init, heads=section.heads, dtype=backbone.dtype,
+                                        param_dtype=backbone.param_dtype, mesh=mesh, rules=rules)
+        numerics = {"dtype", "param_dtype", "remat", "attention_impl"}
+        differs = [f"{k}: config {getattr(backbone, k)!r}, {section.init} {v!r}"
+                   for k, v in source_cfg.backbone.model_dump().items()
+                   if k not in numerics and getattr(backbone, k, None) != v]
+        if differs:
+            raise ValueError(f"model.backbone does not describe the checkpoint model.init names "
+                             f"(set these to the checkpoint's values): {'; '.join(differs)}")
         _check_same_shapes(params, student.shapes, section.init)
         params = _cast(params, student.shapes)
     if section.warm_start is not None:
@@ -408,7 +417,7 @@ def predict(model: Functional, params: Params, dataset_iter: Iterable[Mapping[st
     Jitted once: a short last batch is padded to the first batch's size and trimmed back.
     Token-level (`lm`) head outputs are not collected.
     """
-    apply = jax.jit(model.apply)
+    apply = model.jit_apply
     outputs: dict[str, list] = collections.defaultdict(list)
     size = None
     for i, batch in enumerate(dataset_iter):
@@ -422,7 +431,7 @@ def predict(model: Functional, params: Params, dataset_iter: Iterable[Mapping[st
             if not isinstance(value, tuple):
                 outputs[name].append((value, rows))
         for key, value in batch.items():
-            if key not in MODEL_INPUTS:
+            if key not in TOKEN_INPUTS:
                 outputs[f"batch/{key}"].append((np.asarray(value), rows))
     host = jax.device_get(dict(outputs))
     return {key: np.concatenate([np.asarray(v)[:rows] for v, rows in parts])

@@ -312,3 +312,28 @@ def test_agreement_per_loss_kind():
     assert float(train._agreement(ce, scores, teacher, batch)) == 0.0  # argmax 2, 0 vs 1, 2
     bce = Term(name="b", loss="soft_bce", student="relevance", teacher="t")
     assert float(train._agreement(bce, scores, teacher, batch)) == pytest.approx(2 / 6)
+
+
+def test_teacher_starts_from_an_hf_directory_by_config(data_dir, tokenizer, tmp_path):
+    """`model.init: hf:DIR` trains from a transformers checkpoint; the run then serves as a
+    `teachers.X.source: hf:DIR`-free run teacher, and the HF weights really were loaded."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    hf_config = transformers.Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    hf_dir = tmp_path / "qwen3"
+    transformers.Qwen3ForCausalLM(hf_config).save_pretrained(hf_dir)
+
+    cfg = experiment(data_dir, tokenizer, "from_hf",
+                     model={"init": f"hf:{hf_dir}", "backbone": {"rope_theta": 1_000_000.0}},
+                     trainer={"steps": 1, "eval_every": 1, "log_every": 1})
+    initial = train.initial_params(cfg, functional(train.model_config(cfg.model)), None, None)
+    embedding = np.asarray(initial["backbone"]["embed"]["embedding"])
+    hf_embedding = transformers.Qwen3ForCausalLM.from_pretrained(hf_dir).get_input_embeddings()
+    np.testing.assert_array_equal(embedding, hf_embedding.weight.detach().numpy())
+
+    result = train.run(cfg, tmp_path / "run")
+    assert result.step == 1 and np.isfinite(result.metrics["loss/total"])

@@ -36,9 +36,14 @@ class ClassifierHead(_Head):
 
 
 class ActionHead(_Head):
+    """K sigmoid logits. `features`: width of the batch's `member_features` concatenated to the
+    pooled state; `position_buckets`: a one-hot of the batch's logged `position` (clipped to the
+    last bucket), so position bias is learned apart from relevance; score at position 0."""
+
     type: Literal["actions"] = "actions"
     names: tuple[str, ...]
     features: int = Field(default=0, ge=0)
+    position_buckets: int = Field(default=0, ge=0)
     hidden: int = Field(default=0, ge=0)
 
 
@@ -81,7 +86,8 @@ def build_head(cfg: HeadConfig, width: int, *, param_dtype, rngs: nnx.Rngs) -> D
     if isinstance(cfg, ClassifierHead):
         return Dense(width, cfg.classes, 0, None, **kw)
     if isinstance(cfg, ActionHead):
-        return Dense(width + cfg.features, len(cfg.names), cfg.hidden, "actions", **kw)
+        return Dense(width + cfg.features + cfg.position_buckets, len(cfg.names), cfg.hidden,
+                     "actions", **kw)
     if isinstance(cfg, ProjectionHead):
         return Dense(width, cfg.out_dim, 0, None, **kw)
     return None

@@ -12,6 +12,7 @@ step, checkpoints and HF import work with.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -109,6 +110,8 @@ class TaskModel(nnx.Module):
                 x_MxD = pooled_MxD.astype(jnp.float32)
                 if isinstance(head_cfg, ActionHead) and head_cfg.features:
                     x_MxD = jnp.concatenate([x_MxD, self._features(batch, lead, head_cfg)], -1)
+                if isinstance(head_cfg, ActionHead) and head_cfg.position_buckets:
+                    x_MxD = jnp.concatenate([x_MxD, self._positions(batch, lead, head_cfg)], -1)
                 outputs[name] = unflat(self.heads[name](x_MxD).astype(jnp.float32))
         return outputs
 
@@ -121,6 +124,17 @@ class TaskModel(nnx.Module):
         weights_MxT = mask_MxT.astype(hidden_MxTxD.dtype)
         total_MxD = jnp.einsum("mtd,mt->md", hidden_MxTxD, weights_MxT)
         return total_MxD / jnp.maximum(weights_MxT.sum(-1, keepdims=True), 1)
+
+    @staticmethod
+    def _positions(batch, lead, head_cfg: ActionHead):
+        if "position" not in batch:
+            raise ValueError(f"action head with position_buckets={head_cfg.position_buckets} "
+                             "needs the logged 'position' in the batch")
+        position_M = batch["position"].reshape(-1)
+        if position_M.shape[0] != math.prod(lead):
+            raise ValueError(f"'position' has shape {batch['position'].shape}, expected {lead}")
+        bucket_M = jnp.clip(position_M, 0, head_cfg.position_buckets - 1)
+        return jax.nn.one_hot(bucket_M, head_cfg.position_buckets, dtype=jnp.float32)
 
     @staticmethod
     def _features(batch, lead, head_cfg: ActionHead):
@@ -160,6 +174,11 @@ class Functional:
 
     def apply(self, params: Params, batch: Mapping[str, jax.Array]) -> dict[str, Any]:
         return self.bind(params)(batch)
+
+    @functools.cached_property
+    def jit_apply(self):
+        """`apply` jitted once per model (scoring many splits compiles once per input shape)."""
+        return jax.jit(self.apply)
 
     def shardings(self, mesh, rules):
         return parallel.tree_shardings(self.axes, self.shapes, mesh, rules)

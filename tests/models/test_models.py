@@ -384,3 +384,25 @@ def test_model_config_validation_errors():
         ModelConfig(backbone=TINY_DECODER, heads={"x": {"type": "regression"}})
     with pytest.raises(ValidationError, match="classes"):
         ModelConfig(backbone=TINY_DECODER, heads={"x": {"type": "classifier", "classes": 0}})
+
+
+def test_action_head_reads_the_logged_position_one_hot():
+    import jax.numpy as jnp
+
+    cfg = ModelConfig(
+        backbone={"type": "decoder", "vocab_size": 64, "hidden": 16, "layers": 1, "heads": 2,
+                  "kv_heads": 1, "head_dim": 8, "mlp": 32, "dtype": "float32"},
+        heads={"actions": {"type": "actions", "names": ["click"], "position_buckets": 3}})
+    model = functional(cfg)
+    params = model.init(0)
+    ids = jnp.full((1, 4, 6), 5, jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids),
+             "position": jnp.array([[0, 1, 2, 9]])}
+    logits = np.asarray(model.apply(params, batch)["actions"][0, :, 0])
+    # Same text, so the logits differ by the position bucket's weight only; 9 -> last bucket.
+    kernel = np.asarray(params["heads"]["actions"]["out"]["kernel"])
+    pooled_part = logits[0] - kernel[16 + 0, 0]
+    np.testing.assert_allclose(logits - pooled_part, kernel[16 + np.array([0, 1, 2, 2]), 0],
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs the logged 'position'"):
+        model.apply(params, {k: v for k, v in batch.items() if k != "position"})
