@@ -315,8 +315,8 @@ def test_agreement_per_loss_kind():
 
 
 def test_teacher_starts_from_an_hf_directory_by_config(data_dir, tokenizer, tmp_path):
-    """`model.init: hf:DIR` trains from a transformers checkpoint; the run then serves as a
-    `teachers.X.source: hf:DIR`-free run teacher, and the HF weights really were loaded."""
+    """`model.init: hf:DIR` trains from a transformers checkpoint whose weights really load;
+    a backbone that does not describe the checkpoint is refused, naming the field."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
 
@@ -327,8 +327,16 @@ def test_teacher_starts_from_an_hf_directory_by_config(data_dir, tokenizer, tmp_
     hf_dir = tmp_path / "qwen3"
     transformers.Qwen3ForCausalLM(hf_config).save_pretrained(hf_dir)
 
+    from jaxdistill.models import hf
+
+    rope_theta = hf.config_from_hf(hf_dir).rope_theta
+    wrong = experiment(data_dir, tokenizer, "from_hf",
+                       model={"init": f"hf:{hf_dir}", "backbone": {"rope_theta": rope_theta + 1}})
+    with pytest.raises(ValueError, match=r"model.backbone does not describe.*rope_theta"):
+        train.initial_params(wrong, functional(train.model_config(wrong.model)), None, None)
+
     cfg = experiment(data_dir, tokenizer, "from_hf",
-                     model={"init": f"hf:{hf_dir}", "backbone": {"rope_theta": 1_000_000.0}},
+                     model={"init": f"hf:{hf_dir}", "backbone": {"rope_theta": rope_theta}},
                      trainer={"steps": 1, "eval_every": 1, "log_every": 1})
     initial = train.initial_params(cfg, functional(train.model_config(cfg.model)), None, None)
     embedding = np.asarray(initial["backbone"]["embed"]["embedding"])
