@@ -27,6 +27,7 @@ from jaxdistill import config as config_lib
 from jaxdistill import judge as judge_lib
 
 DATA_FORMAT_VERSION = 1  # bump when the workload's records change shape
+EVALUATION_VERSION = 2  # bump when evaluation changes what it measures
 EVAL_SPLITS = ("validation", "test", "golden")
 
 
@@ -268,7 +269,9 @@ def predict_stage(stage: StageOutput, experiment: config_lib.Experiment,
     def score(batch):
         return jax.block_until_ready(apply(params, batch))
 
-    rate = evaluate.measure_throughput(score, inputs, warmup=2, items_per_batch=items)
+    # Best of three passes: on a shared CPU, one pass can land on someone else's busy second.
+    rate = max(evaluate.measure_throughput(score, inputs, warmup=2 if i == 0 else 0,
+                                           items_per_batch=items) for i in range(3))
     return Predictions(stage.name, count_params(params), outputs, rate)
 
 
@@ -466,6 +469,7 @@ def run(path: str | Path, preset_name: str = "laptop", workdir: str | Path | Non
              f"({stages[name].path})")
 
     eval_key = digest({"stages": {n: s.key for n, s in stages.items()},
+                       "version": EVALUATION_VERSION,
                        "evaluate": cfg.evaluate.model_dump(),
                        "data": data.key})
     eval_dir = workdir / "evaluation" / eval_key
