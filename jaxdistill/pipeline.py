@@ -27,7 +27,7 @@ from jaxdistill import config as config_lib
 from jaxdistill import judge as judge_lib
 
 DATA_FORMAT_VERSION = 1  # bump when the workload's records change shape
-EVALUATION_VERSION = 2  # bump when evaluation changes what it measures
+EVALUATION_VERSION = 3  # bump when evaluation changes what it measures
 EVAL_SPLITS = ("validation", "test", "golden")
 
 
@@ -241,7 +241,7 @@ class Predictions:
 
 
 def predict_stage(stage: StageOutput, experiment: config_lib.Experiment,
-                  spec: EvaluateSpec) -> Predictions:
+                  spec: EvaluateSpec, *, main: bool = False) -> Predictions:
     import jax
 
     from jaxdistill import evaluate, train
@@ -253,10 +253,13 @@ def predict_stage(stage: StageOutput, experiment: config_lib.Experiment,
     model_cfg, params = train.load_model(f"run:{stage.path}")
     model = functional(model_cfg)
     tokenizer = load_tokenizer(experiment.data.tokenizer)
+    # Every query of a split is scored (the short last batch too). A model without a
+    # relevance head (other than the main student, which is calibrated) needs the test split only.
+    splits = EVAL_SPLITS if "relevance" in model_cfg.heads or main else ("test",)
     outputs = {
         split: train.predict(model, params, train._pipeline(experiment, tokenizer, split,
-                                                            train=False))
-        for split in EVAL_SPLITS
+                                                            train=False, drop_remainder=False))
+        for split in splits
     }
     inputs = [b for _, b in zip(range(spec.throughput_batches), train._pipeline(experiment, tokenizer, "test",
                                                                  train=False))]
@@ -318,7 +321,7 @@ def evaluate_models(cfg: PipelineConfig, data: StageOutput, stages: Mapping[str,
     preds = {}
     for name, stage in stages.items():
         _say(f"evaluate: scoring {name}")
-        preds[name] = predict_stage(stage, experiments[name], ev)
+        preds[name] = predict_stage(stage, experiments[name], ev, main=name == cfg.main_student)
     relevance, engagement = preds["relevance_teacher"], preds["engagement_teacher"]
     student = preds[cfg.main_student]
     test = relevance.outputs["test"]

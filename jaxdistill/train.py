@@ -292,7 +292,10 @@ def _check_same_shapes(params: Params, shapes: Params, source: str) -> None:
 # -------------------------------------------------------------------------------- data
 
 
-def _pipeline(cfg: config_lib.Experiment, tokenizer, split: str, *, train: bool):
+def _pipeline(cfg: config_lib.Experiment, tokenizer, split: str, *, train: bool,
+              drop_remainder: bool = True):
+    """Batches of a split; `drop_remainder=False` keeps a short last batch (for `predict`,
+    which pads it; the sharded steps need full batches)."""
     data = cfg.data
     source = open_source(data.path, split)
     if source.kind != data.kind:
@@ -308,7 +311,7 @@ def _pipeline(cfg: config_lib.Experiment, tokenizer, split: str, *, train: bool)
         list_size=data.list_size, action_names=data.action_names,
         member_features_dim=data.member_features_dim, pack=data.pack,
         worker_count=data.worker_count if train else 0, prefetch=data.prefetch,
-        skip_malformed=data.skip_malformed)
+        skip_malformed=data.skip_malformed, drop_remainder=drop_remainder)
 
 
 def _to_device(batch: Mapping[str, Any], mesh, rules):

@@ -1,5 +1,6 @@
 """The job-search pipeline's stage cache: what re-runs after an edit, and what does not."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def tiny_pipeline(tmp_path: Path) -> Path:
     spec["stages"] = {k: spec["stages"][k]
                       for k in ("relevance_teacher", "engagement_teacher", "student")}
     spec["tokenizer_vocab_size"] = 200
+    spec["evaluate"] = {"list_size": 4, "batch_size": 3, "throughput_batches": 2}
     spec["presets"] = {"tiny": {
         "workload": {"preset": "laptop", "n_members": 120, "n_jobs": 120, "train_queries": 24,
                      "validation_queries": 4, "test_queries": 4, "golden_queries": 4,
@@ -68,6 +70,20 @@ def test_editing_a_stage_reruns_only_what_depends_on_it(tmp_path):
     relabelled = rerun(path, workdir)
     assert all(relabelled[n][0] != edited[n][0] for n in relabelled)
     assert not any(cached for _, cached in relabelled.values())
+
+    # Evaluation and report on the trained stages (4 test queries in batches of 3, so the
+    # short last batch is scored too): the targets judged, the report written, then reused.
+    summary = pipeline.run(path, "tiny", workdir)
+    student = next(row for row in summary["models"] if row["model"] == "student")
+    assert 0 <= student["ndcg_at_10"] <= 1 and 0 <= student["auroc_click"] <= 1
+    assert {t["name"] for t in summary["targets"]} >= {"student params / teacher params"}
+    report_dir = Path(summary["report"]).parent
+    assert (report_dir / "report.md").read_text().startswith("# Job search")
+    assert all((report_dir / png).stat().st_size > 1000 for png in
+               ("training_curves.png", "models_vs_metrics.png", "calibration.png"))
+    evaluation = json.loads((report_dir / "evaluation.json").read_text())
+    assert evaluation["headline"]["student NDCG@10"] == student["ndcg_at_10"]
+    assert pipeline.run(path, "tiny", workdir)["stages"]["evaluation"]["cached"]
 
 
 def test_unknown_preset_and_stage_errors_name_the_file(tmp_path):
