@@ -256,16 +256,14 @@ def predict_stage(stage: StageOutput, experiment: config_lib.Experiment,
     # Every query of a split is scored (the short last batch too). A model without a
     # relevance head (other than the main student, which is calibrated) needs the test split only.
     splits = EVAL_SPLITS if "relevance" in model_cfg.heads or main else ("test",)
-    outputs = {
-        split: train.predict(model, params, train._pipeline(experiment, tokenizer, split,
-                                                            train=False, drop_remainder=False))
-        for split in splits
-    }
-    inputs = [b for _, b in zip(range(spec.throughput_batches), train._pipeline(experiment, tokenizer, "test",
-                                                                 train=False))]
-    keep = ("input_ids", "attention_mask", "token_type_ids", "member_features", "position")
-    # On the device before timing: the rate is the model's, not the host transfer's.
-    inputs = [jax.device_put({k: v for k, v in b.items() if k in keep}) for b in inputs]
+    batches = {split: list(train.split_dataset(experiment, tokenizer, split, train=False,
+                                               drop_remainder=False)) for split in splits}
+    outputs = {split: train.predict(model, params, batches[split]) for split in splits}
+    # Full test batches, on the device before timing: the rate is the model's, not the host
+    # transfer's.
+    full = [b for b in batches["test"] if len(b["input_ids"]) == spec.batch_size]
+    inputs = [jax.device_put({k: v for k, v in b.items() if k in train.MODEL_INPUTS})
+              for b in full[:spec.throughput_batches]]
     apply = model.jit_apply
     items = [int(np.prod(b["input_ids"].shape[:-1])) for b in inputs]
 

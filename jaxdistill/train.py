@@ -292,8 +292,8 @@ def _check_same_shapes(params: Params, shapes: Params, source: str) -> None:
 # -------------------------------------------------------------------------------- data
 
 
-def _pipeline(cfg: config_lib.Experiment, tokenizer, split: str, *, train: bool,
-              drop_remainder: bool = True):
+def split_dataset(cfg: config_lib.Experiment, tokenizer, split: str, *, train: bool,
+                  drop_remainder: bool = True):
     """Batches of a split; `drop_remainder=False` keeps a short last batch (for `predict`,
     which pads it; the sharded steps need full batches)."""
     data = cfg.data
@@ -536,7 +536,7 @@ def _run(cfg, run_dir, mesh, rules, distiller, teacher_params, checkpointer, *, 
     write_run_files(cfg, run_dir, resumed_from=start)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    train_iter = iter(_pipeline(cfg, tokenizer, cfg.data.train_split, train=True))
+    train_iter = iter(split_dataset(cfg, tokenizer, cfg.data.train_split, train=True))
     if start is not None:
         state, saved_iterator, _ = checkpointer.restore(
             start, target_state_shardings=_state_shardings(distiller, cfg.seed, mesh, rules))
@@ -550,7 +550,7 @@ def _run(cfg, run_dir, mesh, rules, distiller, teacher_params, checkpointer, *, 
     eval_data = None
     if cfg.data.eval_split is not None:
         try:
-            eval_data = _pipeline(cfg, tokenizer, cfg.data.eval_split, train=False)
+            eval_data = split_dataset(cfg, tokenizer, cfg.data.eval_split, train=False)
         except KeyError as err:
             log.warning("no eval: %s", err)
     eval_step = make_eval_step(distiller, mesh, rules) if eval_data is not None else None
