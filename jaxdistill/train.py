@@ -36,6 +36,7 @@ from jaxdistill.checkpoint import CHECKPOINT_SUBDIR, CONFIG_FILE, Checkpointer, 
 from jaxdistill.data.pipeline import iterator_state, make_dataset, restore_iterator
 from jaxdistill.data.sources import dataset_info, open_source
 from jaxdistill.data.tokenizer import load_tokenizer
+from jaxdistill.distill.losses import LOSSES
 from jaxdistill.distill.objectives import Term, apply_transform, compute_objective, teacher_output
 from jaxdistill.distill.step import Distiller, compile_step, init_sharded_state, make_optimizer
 from jaxdistill.metrics import MetricWriter, progress_bar
@@ -337,25 +338,25 @@ def _agreement(term: Term, student_outputs, teacher_outputs, batch):
     0.5 for probabilities and labels); cross_entropy: argmax equals the label; other logits:
     same argmax. None for hidden-state and token-level terms.
     """
+    kind = LOSSES[term.loss].agreement
     student = student_outputs.get(term.student)
-    if student is None or isinstance(student, tuple) or term.loss in (
-            "hidden_mse", "hidden_cosine", "token_kl"):
+    if student is None or isinstance(student, tuple) or kind is None:
         return None
     distilled = term.teacher is not None
     target = teacher_output(teacher_outputs, batch, term) if distilled else batch[term.label]
     student = apply_transform(student, term.transform).astype(jnp.float32)
     target = jnp.asarray(apply_transform(target, term.transform) if distilled else target)
     mask = None if term.mask is None else batch[term.mask].astype(jnp.float32)
-    if term.loss == "cross_entropy":
+    if kind == "label":
         agree = jnp.argmax(student, -1) == target.astype(jnp.int32)
-    elif term.loss in ("listnet", "margin_mse"):
+    elif kind == "top1":
         target = target.astype(jnp.float32)
         if mask is not None and mask.shape == student.shape:
             student = jnp.where(mask > 0, student, -jnp.inf)
             target = jnp.where(mask > 0, target, -jnp.inf)
             mask = jnp.any(mask > 0, -1).astype(jnp.float32)
         agree = jnp.argmax(student, -1) == jnp.argmax(target, -1)
-    elif term.loss in ("bce", "soft_bce") or term.transform is not None:
+    elif kind == "threshold" or term.transform is not None:
         probabilities = term.transform == "yes_prob"
         student_threshold = 0.5 if probabilities else 0.0
         target_threshold = student_threshold if distilled and term.loss != "bce" else 0.5

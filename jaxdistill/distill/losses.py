@@ -30,8 +30,9 @@ This module imports nothing but jax (and the standard library).
 """
 
 from collections.abc import Callable
+import dataclasses
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -562,19 +563,45 @@ def chunked_token_kl(student_hidden_BxTxD, student_unembed_DxV, teacher_hidden_B
 # ------------------------------------------------------------------------ registry
 
 
-LOSSES: dict[str, Callable[..., jax.Array]] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": generalized_jsd,
-    "logit_mse": logit_mse,
-    "bce": binary_cross_entropy,
-    "soft_bce": soft_binary_cross_entropy,
-    "listnet": listwise_softmax_cross_entropy,
-    "margin_mse": pairwise_margin_mse,
-    "hidden_mse": hidden_mse,
-    "hidden_cosine": hidden_cosine,
-    "cross_entropy": cross_entropy,
-    "token_kl": chunked_token_kl,
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A registered loss and what it compares, so callers never dispatch on loss names.
+
+    level: "row" (one prediction per example or candidate: class logits, action logits,
+    hidden states), "list" (a whole candidate list at once) or "token" (every response
+    token of a sequence; the student and teacher sides are (hidden, unembedding) pairs).
+    agreement: how a student's decision is compared with its target's in evaluation --
+    "argmax" (same top class), "label" (top class equals the integer label), "threshold"
+    (same side of the binary decision threshold), "top1" (same top candidate), or None
+    (no decision to agree on: hidden states, tokens).
+    """
+
+    fn: Callable[..., jax.Array]
+    level: Literal["row", "list", "token"]
+    agreement: Literal["argmax", "label", "threshold", "top1"] | None
+
+    def __call__(self, *args, **kwargs) -> jax.Array:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def weights_rows(self) -> bool:
+        """Whether a non-binary mask acts as per-row weights (confidence weighting)."""
+        return self.level == "row"
+
+
+LOSSES: dict[str, Loss] = {
+    "forward_kl": Loss(forward_kl, "row", "argmax"),
+    "reverse_kl": Loss(reverse_kl, "row", "argmax"),
+    "jsd": Loss(generalized_jsd, "row", "argmax"),
+    "logit_mse": Loss(logit_mse, "row", "argmax"),
+    "bce": Loss(binary_cross_entropy, "row", "threshold"),
+    "soft_bce": Loss(soft_binary_cross_entropy, "row", "threshold"),
+    "listnet": Loss(listwise_softmax_cross_entropy, "list", "top1"),
+    "margin_mse": Loss(pairwise_margin_mse, "list", "top1"),
+    "hidden_mse": Loss(hidden_mse, "row", None),
+    "hidden_cosine": Loss(hidden_cosine, "row", None),
+    "cross_entropy": Loss(cross_entropy, "row", "label"),
+    "token_kl": Loss(chunked_token_kl, "token", None),
 }
 
 # Keyword-only arguments that are arrays supplied by the model at call time, not
@@ -598,7 +625,7 @@ def check_hparams(name: str, hparams: dict) -> None:
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
-    allowed = _config_hparams(LOSSES[name])
+    allowed = _config_hparams(LOSSES[name].fn)
     unknown = sorted(set(hparams) - set(allowed))
     if unknown:
         raise ValueError(

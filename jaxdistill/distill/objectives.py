@@ -80,7 +80,7 @@ class Term(BaseModel):
             raise ValueError(f"term {self.name!r}: weight must be >= 0, got {self.weight}")
         if self.confidence_label is not None and self.teacher is None:
             raise ValueError(f"term {self.name!r}: confidence_label needs a teacher")
-        if self.confidence_label is not None and self.loss in ("listnet", "margin_mse", "token_kl"):
+        if self.confidence_label is not None and not losses.LOSSES[self.loss].weights_rows:
             raise ValueError(f"term {self.name!r}: confidence_label weights rows; loss "
                              f"{self.loss!r} compares whole lists or sequences")
         return self
@@ -193,16 +193,15 @@ def compute_objective(
                 mask = confidence_weights(target, labels, mask)
         else:
             target = label_view(_lookup(batch, term.label, term.name), term.label_transform)
-        if term.loss == "token_kl":
+        loss = losses.LOSSES[term.loss]
+        if loss.level == "token":
             (s_hidden, s_unembed), (t_hidden, t_unembed) = student, target
-            value = losses.chunked_token_kl(
-                s_hidden, s_unembed, t_hidden, t_unembed, mask, **term.hparams
-            )
+            value = loss(s_hidden, s_unembed, t_hidden, t_unembed, mask, **term.hparams)
         else:
             student = apply_transform(student, term.transform)
             if term.teacher is not None:
                 target = apply_transform(target, term.transform)
-            value = losses.LOSSES[term.loss](student, target, mask, **term.hparams)
+            value = loss(student, target, mask, **term.hparams)
         metrics[f"loss/{term.name}"] = value
         total = total + term.weight_at(step) * value
     metrics["loss/total"] = total

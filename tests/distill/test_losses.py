@@ -563,7 +563,7 @@ def test_registry():
     assert set(L.LOSSES) == {
         "forward_kl", "reverse_kl", "jsd", "logit_mse", "bce", "soft_bce", "listnet",
         "margin_mse", "hidden_mse", "hidden_cosine", "cross_entropy", "token_kl"}
-    assert L.LOSSES["token_kl"] is L.chunked_token_kl
+    assert L.LOSSES["token_kl"].fn is L.chunked_token_kl
 
 
 # -------------------------------------------------------------- (d) validation errors
