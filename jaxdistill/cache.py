@@ -19,18 +19,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jaxdistill import parallel
 from jaxdistill.config import ConfigError, Experiment
 from jaxdistill.data import sources
-from jaxdistill.data.pipeline import make_dataset
-from jaxdistill.data.tokenizer import load_tokenizer
 from jaxdistill.models.heads import LMHead
-from jaxdistill.models.model import ModelConfig, Params, functional
+from jaxdistill.models.model import Functional, ModelConfig, Params, functional
 
-OFFLINE_PREFIX = "offline:"
 MANIFEST = "offline_teachers.json"
 
 
@@ -47,10 +43,10 @@ def check_offline_sources(cfg: Experiment) -> None:
     `data.path: DIR`; anything else fails here, at config time, not as a missing batch key.
     """
     for name, teacher in cfg.teachers.items():
-        if not teacher.source.startswith(OFFLINE_PREFIX):
+        if teacher.source.kind != "offline":
             continue
         where = f"teachers.{name}.source ({teacher.source})"
-        cache_dir = Path(teacher.source[len(OFFLINE_PREFIX):])
+        cache_dir = teacher.source.path
         if not (cache_dir / "dataset_info.json").is_file():
             raise FileNotFoundError(f"{where}: {cache_dir} is not a dataset; write it with "
                                     f"`jaxdistill cache-teacher CONFIG --teacher {name} --out DIR`")
@@ -69,43 +65,35 @@ def check_offline_sources(cfg: Experiment) -> None:
                     f"cache-teacher with --outputs {term.source_output}")
 
 
-def dataset(cfg: Experiment, split: str, *, training: bool = False, data_dir=None):
-    """The config's batch pipeline over one split: training order (shuffled, repeated) or one
-    ordered pass with a short last batch (evaluation, caching)."""
-    data = cfg.data
-    return make_dataset(
-        sources.open_source(data_dir or data.path, split), tokenizer=load_tokenizer(data.tokenizer),
-        kind=data.kind, max_len=data.max_len, batch_size=data.batch_size, seed=cfg.seed,
-        shuffle=training and data.shuffle, num_epochs=None if training else 1,
-        list_size=data.list_size, action_names=data.action_names,
-        member_features_dim=data.member_features_dim, shard_index=0, shard_count=1,
-        prefetch=data.prefetch, drop_remainder=training, skip_malformed=data.skip_malformed)
-
-
-def eval_batches(cfg: Experiment, split: str) -> Iterator[dict[str, Any]]:
-    return iter(dataset(cfg, split))
-
-
 def teacher_outputs(
-    model_cfg: ModelConfig,
+    cfg: Experiment,
+    model: Functional,
     params: Params,
-    batches: Iterator[Mapping[str, Any]],
+    split: str,
     outputs: Sequence[str],
+    *,
+    tokenizer: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """{output: float32 [records, ...]} of a model over ordered batches (jitted forward)."""
-    model = functional(model_cfg)
+    """{output: float32 [records, ...]} of one model over a split, in record order, through
+    the shared evaluator (on its own `tokenizer`'s ids when that is not the data's)."""
+    from jaxdistill.data.batches import split_batches
+    from jaxdistill.evaluator import Evaluator
 
-    @jax.jit
-    def forward(params, batch):
-        out = model.apply(params, batch)
-        return {name: out[name].astype(jnp.float32) for name in outputs}
+    mesh = parallel.make_mesh(cfg.mesh.shape)
+    rules = dict(cfg.mesh.rules)
+    from jaxdistill.loader import tokenizer_fingerprint
 
-    collected: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
-    for batch in batches:
-        batch = {k: v for k, v in batch.items() if k not in ("offline", "batch_malformed")}
-        for name, value in jax.device_get(forward(params, batch)).items():
-            collected[name].append(np.asarray(value))
-    return {name: np.concatenate(values) for name, values in collected.items() if values}
+    name = "teacher"
+    token_keys, token_specs = {}, {}
+    if tokenizer is not None and (tokenizer_fingerprint(tokenizer)
+                                  != tokenizer_fingerprint(cfg.data.tokenizer)):
+        token_keys[name] = tokenizer_fingerprint(tokenizer)
+        token_specs[token_keys[name]] = tokenizer
+    evaluator = Evaluator(None, {name: model}, mesh=mesh, rules=rules, token_keys=token_keys,
+                          teacher_outputs={name: outputs})
+    batches = split_batches(cfg, split, train=False, token_specs=token_specs, shard=False)
+    scores = evaluator.run(None, {name: params}, batches)
+    return {o: scores.teachers[name][o].astype(np.float32) for o in outputs}
 
 
 def default_outputs(model_cfg: ModelConfig) -> list[str]:
@@ -122,8 +110,11 @@ def cache_outputs(
     *,
     outputs: Sequence[str] | None = None,
     overwrite: bool = False,
+    tokenizer: str | None = None,
 ) -> dict[str, Any]:
-    """Writes cfg.data.path's splits + the teacher's `outputs` as a new dataset at `out_dir`."""
+    """Writes cfg.data.path's splits + the teacher's `outputs` as a new dataset at `out_dir`.
+
+    `tokenizer`: the teacher's own tokenizer (default: the data's)."""
     data = cfg.data
     if data.kind == "chat":
         raise ConfigError("cache-teacher: chat teachers are token-level ([T, V] outputs); cache "
@@ -141,7 +132,8 @@ def cache_outputs(
     shapes: dict[str, list[int]] = {}
     for split in info["splits"]:
         records = list(sources.open_source(data.path, split))
-        values = teacher_outputs(model_cfg, params, eval_batches(cfg, split), outputs)
+        values = teacher_outputs(cfg, functional(model_cfg), params, split, outputs,
+                                 tokenizer=tokenizer)
         count = len(next(iter(values.values()))) if values else 0
         if count != len(records):
             raise ValueError(
@@ -156,9 +148,10 @@ def cache_outputs(
     sources.write_dataset(splits, info["kind"], out_dir, overwrite=overwrite,
                           source_name=f"cache of {data.path}")
     manifest = {**read_manifest(data.path), teacher: {
-        "source": cfg.teachers[teacher].source, "dtype": cfg.teachers[teacher].dtype,
+        "source": str(cfg.teachers[teacher].source), "dtype": cfg.teachers[teacher].dtype,
         "outputs": shapes, "per_candidate": data.kind == "listwise",
-        "data": os.fspath(data.path), "max_len": data.max_len, "tokenizer": data.tokenizer}}
+        "data": os.fspath(data.path), "max_len": data.max_len,
+        "tokenizer": tokenizer or data.tokenizer}}
     tmp = out_dir / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out_dir / MANIFEST)
@@ -179,16 +172,15 @@ def _attach(record: dict, teacher: str, values: Mapping[str, np.ndarray], kind: 
 def cache_teacher(cfg: Experiment, teacher: str, out_dir: str | os.PathLike, *,
                   outputs: Sequence[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Loads the config's teacher `teacher` (run:/hf:) and caches its outputs (`cache_outputs`)."""
+    from jaxdistill import loader
+
     if teacher not in cfg.teachers:
         raise ConfigError(f"no teacher {teacher!r} in the config; teachers are {sorted(cfg.teachers)}")
     spec = cfg.teachers[teacher]
-    if spec.source.startswith(OFFLINE_PREFIX):
+    if spec.source.kind == "offline":
         raise ConfigError(f"teachers.{teacher} is already offline ({spec.source})")
-    if spec.inputs is not None:
-        raise ConfigError(f"teachers.{teacher}: caching a teacher with its own inputs "
-                          f"({spec.inputs}) is not supported")
-    from jaxdistill import train
-
-    model_cfg, params = train.load_model(spec.source, heads=spec.heads, dtype=spec.dtype)
-    return cache_outputs(cfg, teacher, model_cfg, params, out_dir, outputs=outputs,
-                         overwrite=overwrite)
+    mesh = parallel.make_mesh(cfg.mesh.shape)
+    loaded = loader.load_teachers(cfg, mesh=mesh, rules=dict(cfg.mesh.rules), names={teacher})
+    online = loaded.online[teacher]
+    return cache_outputs(cfg, teacher, online.model.cfg, online.params, out_dir,
+                         outputs=outputs, overwrite=overwrite, tokenizer=online.tokenizer)

@@ -308,9 +308,7 @@ def run_model_config(run_dir: str | Path) -> ModelConfig:
     if not path.is_file():
         raise CheckpointError(f"run:{run_dir}: no {CONFIG_FILE} (not a jaxdistill run directory)")
     model = dict(yaml.safe_load(path.read_text())["model"])
-    model.pop("init", None)
-    model.pop("warm_start", None)
-    return ModelConfig.model_validate(model)
+    return ModelConfig.model_validate({k: model[k] for k in ("backbone", "heads") if k in model})
 
 
 def load_params(run_dir: str | Path, *, shardings=None) -> tuple[ModelConfig, Params]:

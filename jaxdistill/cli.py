@@ -126,109 +126,46 @@ def cmd_eval(args) -> None:
     split = args.split or cfg.data.eval_split
     if not split:
         raise UserError("no split to evaluate: the config has data.eval_split: null; pass --split")
-    checkpoint = _module("jaxdistill.checkpoint", "checkpoints (jaxdistill.checkpoint)")
-    model_cfg, params = checkpoint.load_params(run_dir)
-    result = evaluate_run(cfg, model_cfg, params, split, max_batches=args.max_batches)
-    result = {"run_dir": os.fspath(run_dir), "split": split, **result}
-    out = Path(args.out) if args.out else run_dir / f"eval_{split}.json"
+    if args.max_batches is not None and args.max_batches < 1:
+        raise UserError(f"--max-batches must be a positive number of batches, found "
+                        f"{args.max_batches}")
+    from jaxdistill import runs
+
+    result = {"run_dir": os.fspath(run_dir), "split": split,
+              **runs.evaluate_run(cfg, run_dir, split, max_batches=args.max_batches)}
+    out = Path(args.out) if args.out else run_dir / runs.EVAL_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
-    _print_json(result)
+    _emit(_metrics_table(result["terms"], result["metrics"]))
+    _emit(f"written: {out}")
 
 
-def evaluate_run(cfg, model_cfg, params, split: str, *, max_batches: int | None = None):
-    """The objective's terms (teachers online, or offline from the records) and headline
-    metrics (NDCG@10 and poor-match@10 of each two-logit head, AUROC per action) on `split`."""
-    import jax
-    import numpy as np
-
-    from jaxdistill import cache, evaluate
-    from jaxdistill.distill.objectives import apply_transform, compute_objective
-    from jaxdistill.models.heads import ActionHead
-    from jaxdistill.models.model import functional
-
-    cache.check_offline_sources(cfg)
-    student = functional(model_cfg)
-    teachers = _load_online_teachers(cfg)
-
-    @jax.jit
-    def evaluate_batch(params, teacher_params, batch):
-        student_out = student.apply(params, batch)
-        teacher_out = {name: model.apply(teacher_params[name], batch)
-                       for name, (model, _) in teachers.items()}
-        _, terms = compute_objective(cfg.objective, student_out, teacher_out, batch,
-                                     jax.numpy.zeros((), jax.numpy.int32))
-        scores = {name: apply_transform(out, "log_odds") for name, out in student_out.items()
-                  if name != "pooled" and not isinstance(out, tuple) and out.shape[-1] == 2}
-        actions = {name: student_out[name] for name, head in model_cfg.heads.items()
-                   if isinstance(head, ActionHead)}
-        return terms, scores, actions
-
-    teacher_params = {name: p for name, (_, p) in teachers.items()}
-    sums: dict[str, float] = {}
-    kept: dict[str, list] = {}
-    batches = 0
-    for batch in cache.eval_batches(cfg, split):
-        batch = {k: v for k, v in batch.items() if k != "batch_malformed"}
-        terms, scores, actions = jax.device_get(evaluate_batch(params, teacher_params, batch))
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
-        for name, value in {**{f"score:{k}": v for k, v in scores.items()},
-                            **{f"actions:{k}": v for k, v in actions.items()}}.items():
-            kept.setdefault(name, []).append(value)
-        for key in ("grade", "candidate_mask", "actions", "action_mask"):
-            if key in batch:
-                kept.setdefault(key, []).append(np.asarray(batch[key]))
-        batches += 1
-        if max_batches is not None and batches >= max_batches:
-            break
-    if not batches:
-        raise UserError(f"{cfg.data.path}[{split}]: no complete batch to evaluate")
-    joined = {k: np.concatenate(v) for k, v in kept.items()}
-    metrics: dict[str, Any] = {}
-    listwise = cfg.data.kind == "listwise"
-    for key, scores in joined.items():
-        if key.startswith("score:") and listwise:
-            head = key.split(":", 1)[1]
-            metrics[f"{head}/ndcg_at_10"] = evaluate.ndcg_at_k(
-                scores, joined["grade"], joined["candidate_mask"], 10)
-            metrics[f"{head}/poor_match_rate_at_10"] = evaluate.poor_match_rate_at_k(
-                scores, joined["grade"], joined["candidate_mask"], 10)
-        elif key.startswith("actions:"):
-            head = key.split(":", 1)[1]
-            names = model_cfg.heads[head].names
-            data_names = sorted(cfg.data.action_names)
-            for i, action in enumerate(names):
-                if action not in data_names:
-                    continue
-                j = data_names.index(action)
-                value, note = evaluate.auroc_with_reason(
-                    scores[..., i].ravel(), joined["actions"][..., j].ravel(),
-                    joined["action_mask"][..., j].ravel() > 0)
-                metrics[f"{head}/auroc_{action}"] = value if note is None else note
-    return {"batches": batches, "terms": {k: v / batches for k, v in sums.items()},
-            "metrics": metrics}
+def _metrics_table(terms: Mapping[str, float], metrics: Mapping[str, Any]) -> str:
+    """Scalar results as aligned `name  value` lines (matrices live in the JSON file)."""
+    lines = []
+    for key, value in [*terms.items(), *metrics.items()]:
+        if isinstance(value, int | float):
+            lines.append(f"  {key:<48} {value:.4f}" if isinstance(value, float)
+                         else f"  {key:<48} {value}")
+    return "\n".join(lines) if lines else "  (no metrics: no head has labels or a teacher)"
 
 
-def _load_online_teachers(cfg) -> dict[str, tuple[Any, Any]]:
-    """{name: (Functional, params)} of the config's run:/hf: teachers the objective reads."""
-    from jaxdistill.models.model import functional
+def cmd_predict(args) -> None:
+    cfg, run_dir = _config_and_run_dir(args.run_dir, args.set, None)
+    from jaxdistill import runs
 
-    used = {term.teacher for term in cfg.objective if term.teacher is not None}
-    online = {name: t for name, t in cfg.teachers.items()
-              if name in used and not t.source.startswith("offline:")}
-    if not online:
-        return {}
-    train = _module("jaxdistill.train", "loading teachers (jaxdistill.train)")
-    out = {}
-    for name, teacher in online.items():
-        if teacher.inputs is not None:
-            raise UserError(f"teachers.{name}: teachers with their own inputs are not supported "
-                            "by `eval` yet")
-        model_cfg, params = train.load_model(teacher.source, heads=teacher.heads,
-                                             dtype=teacher.dtype)
-        out[name] = (functional(model_cfg), params)
-    return out
+    rows = runs.predict_run(cfg, run_dir, data=args.data, split=args.split)
+    out = runs.write_rows(rows, args.out)
+    _print_json({"run_dir": run_dir, "rows": len(rows), "out": out})
+
+
+def cmd_report(args) -> None:
+    from jaxdistill import report
+
+    run_dirs = [_existing_dir(d, "run") for d in args.run_dirs]
+    out = Path(args.out) if args.out else run_dirs[0]
+    path = report.write_run_report(run_dirs, out)
+    _print_json({"report": path, "runs": run_dirs})
 
 
 def cmd_cache_teacher(args) -> None:
@@ -344,6 +281,8 @@ _EPILOGS = {
   jaxdistill train configs/examples/relevance_teacher.yaml
   jaxdistill distill configs/examples/student.yaml --set trainer.steps=2000
   jaxdistill eval runs/student
+  jaxdistill predict runs/student --data new_records.jsonl --out scores.jsonl
+  jaxdistill report runs/student
   jaxdistill export runs/student --out exports/student
 
 Run `jaxdistill COMMAND --help` for each command's options.""",
@@ -364,8 +303,23 @@ teachers that changed since its checkpoint unless --force-teachers.""",
   jaxdistill eval runs/student
   jaxdistill eval configs/examples/student.yaml --split test --out student_test.json
 
-Prints (and writes to RUN_DIR/eval_<split>.json unless --out) the mean of every objective
-term over the split, NDCG@10 / poor-match@10 of each two-logit head, AUROC per action.""",
+Prints (and writes to RUN_DIR/eval.json unless --out) the mean of every objective term over
+the split and each head's metrics by its type: classifier accuracy, macro-F1, log loss, AUROC,
+ECE; actions AUROC, average precision, ECE; ranking NDCG@10, poor-match@10; agreement of every
+distilled head with its teacher.""",
+    "predict": """examples:
+  jaxdistill predict runs/student --data new_records.jsonl --out scores.jsonl
+  jaxdistill predict runs/student --data data/job_search --split test --out scores.parquet
+
+One row per record (per candidate for listwise data) with the record's id, each head's raw
+outputs and probabilities, calibrated where the run has calibration.json.""",
+    "report": """examples:
+  jaxdistill report runs/student
+  jaxdistill report runs/student runs/student_relevance_only --out reports/students
+
+Writes report.md with PNG plots beside it: loss per objective term and eval metrics over
+steps, reliability diagrams of calibrated heads, confusion matrices of classifiers, and a
+side-by-side table when several runs are given.""",
     "cache-teacher": """examples:
   jaxdistill cache-teacher configs/examples/student.yaml --teacher relevance \\
       --out data/job_search_relevance
@@ -449,8 +403,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="with a CONFIG: the run directory to load")
     p.add_argument("--split", help="dataset split (default: the config's data.eval_split)")
     p.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
-    p.add_argument("--out", help="JSON file to write (default: RUN_DIR/eval_<split>.json)")
+    p.add_argument("--out", help="JSON file to write (default: RUN_DIR/eval.json)")
     p.set_defaults(handler=cmd_eval)
+
+    p = command("predict", "score records with a run's model",
+                "Score the records of a dataset split or a JSONL/Parquet file with a run's "
+                "student; writes one row per record (or candidate) as JSONL or Parquet.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory")
+    _add_set(p)
+    p.add_argument("--data", help="a dataset directory or a .jsonl/.parquet file of records "
+                                  "(default: the run's data.path)")
+    p.add_argument("--split", help="with a dataset directory: the split (default: the run's "
+                                   "data.eval_split)")
+    p.add_argument("--out", required=True, help="output .jsonl or .parquet file")
+    p.set_defaults(handler=cmd_predict)
+
+    p = command("report", "write a report (markdown + plots) of one or more runs",
+                "Write report.md with PNG plots of runs: training curves per objective term, "
+                "eval metrics over steps, reliability diagrams, confusion matrices.")
+    p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run directories")
+    p.add_argument("--out", help="output directory (default: the first run directory)")
+    p.set_defaults(handler=cmd_report)
 
     p = command("cache-teacher", "precompute one teacher's outputs into a new dataset",
                 "Run one teacher of the config over every split of data.path and write a new "
@@ -536,7 +509,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UserError, ValueError, KeyError, FileNotFoundError,
                                         FileExistsError, NotADirectoryError, IsADirectoryError]
     for module_name, attr in (("jaxdistill.checkpoint", "CheckpointError"),
-                              ("jaxdistill.train", "TeacherMismatchError")):
+                              ("jaxdistill.loader", "TeacherMismatchError")):
         module = sys.modules.get(module_name)
         if module is not None and isinstance(getattr(module, attr, None), type):
             types.append(getattr(module, attr))

@@ -11,13 +11,14 @@ key comes with the nearest valid key.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -37,36 +38,115 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a model comes from, parsed once at config load: "scratch", "run:DIR" (a finished
+    run of ours), "hf:DIR" (a transformers directory) or "offline:DIR" (a teacher's outputs
+    cached into a dataset by `cache-teacher`). Written back as the same string."""
+
+    kind: Literal["scratch", "run", "hf", "offline"]
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> Source:
+        if isinstance(value, Source):
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f"expected a source string such as 'run:DIR' or 'hf:DIR', found "
+                             f"{value!r}")
+        if value == "scratch":
+            return cls("scratch")
+        kind, sep, path = value.partition(":")
+        if not sep or kind not in ("run", "hf", "offline") or not path:
+            raise ValueError(f"expected a source 'run:DIR', 'hf:DIR' or 'offline:DIR' ('scratch' "
+                             f"for model.init), found {value!r}")
+        return cls(kind, Path(path))
+
+    def __str__(self) -> str:
+        return self.kind if self.path is None else f"{self.kind}:{self.path}"
+
+    def expect(self, kinds: Sequence[str], key: str) -> Source:
+        if self.kind not in kinds:
+            shown = [k if k == "scratch" else f"{k}:DIR" for k in kinds]
+            raise ValueError(f"{key} must be one of {shown}, found {str(self)!r}")
+        return self
+
+
+SourceField = Annotated[Source, pydantic.BeforeValidator(Source.parse),
+                        pydantic.PlainSerializer(str, return_type=str)]
+
+# Backbone keys a config may set over an `init:` checkpoint's own: numerics, not shapes.
+NUMERIC_KEYS = frozenset({"dtype", "param_dtype", "remat", "attention_impl"})
+
+
 class ModelSection(ModelConfig):
     """The model being trained. `init`: "scratch", "hf:DIR" (HF import) or "run:DIR" (a finished
-    run of ours); `warm_start`: "run:DIR" copies every weight whose shape allows (fewer layers
-    take the source's evenly spaced layers; narrower dims take the leading slice)."""
+    run of ours); with a checkpoint, `backbone` may be left out or give numerics only (dtype,
+    param_dtype, remat, attention_impl): the checkpoint's own config fills the rest, and a
+    shape key that disagrees with it is refused. `warm_start`: "run:DIR" or "hf:DIR" copies
+    every weight whose shape allows (fewer layers take the source's evenly spaced layers;
+    narrower dims take the leading slice). `allow_pickle`: load pickle weight files of hf:
+    sources (unpickling runs code; safetensors only by default)."""
 
-    init: str = "scratch"
-    warm_start: str | None = None
+    init: SourceField = Source("scratch")
+    warm_start: SourceField | None = None
+    allow_pickle: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_backbone(cls, data: Any):
+        if not isinstance(data, Mapping) or "init" not in data:
+            return data
+        try:
+            init = Source.parse(data["init"])
+        except ValueError:
+            return data  # reported by the field validator
+        if init.kind not in ("hf", "run"):
+            return data
+        given = dict(data.get("backbone") or {})
+        if init.kind == "hf":
+            from jaxdistill.models import hf
+
+            numerics = {k: v for k, v in given.items() if k in NUMERIC_KEYS | {"pooling"}}
+            checkpoint = hf.config_from_hf(init.path, **numerics).model_dump()
+        else:
+            from jaxdistill.checkpoint import run_model_config
+
+            checkpoint = run_model_config(init.path).backbone.model_dump()
+        differs = [f"{k}: config {v!r}, checkpoint {checkpoint[k]!r}" for k, v in given.items()
+                   if k in checkpoint and k not in NUMERIC_KEYS and checkpoint[k] != v]
+        if differs:
+            raise ValueError(f"model.backbone does not describe the checkpoint model.init names "
+                             f"({init}); leave these keys out or set the checkpoint's values: "
+                             + "; ".join(differs))
+        return {**data, "backbone": {**checkpoint, **given}}
 
     @model_validator(mode="after")
     def _check_sources(self):
-        _check_source(self.init, ("scratch", "hf:", "run:"), "init")
+        self.init.expect(("scratch", "hf", "run"), "init")
         if self.warm_start is not None:
-            _check_source(self.warm_start, ("run:", "hf:"), "warm_start")
+            self.warm_start.expect(("run", "hf"), "warm_start")
         return self
 
 
 class TeacherSection(_Section):
     """A frozen teacher: `source` is "run:DIR", "hf:DIR" (needs `heads`) or "offline:DIR"
-    (outputs precomputed by `jaxdistill cache-teacher`)."""
+    (outputs precomputed by `jaxdistill cache-teacher`). `tokenizer`: the tokenizer the
+    teacher was trained with, when its source does not record one (a run records its own;
+    an HF directory holds its tokenizer files); a value that contradicts the source's is
+    refused. `init_missing_heads`: freshly initialise `heads` the hf: directory does not hold
+    (a teacher distilled from random heads teaches nothing, so this is refused by default)."""
 
-    source: str
+    source: SourceField
     heads: dict[str, Any] | None = None
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    inputs: str | None = Field(
-        default=None, description="batch key of this teacher's own tokenised inputs"
-    )
+    tokenizer: str | None = None
+    allow_pickle: bool = False
+    init_missing_heads: bool = False
 
     @model_validator(mode="after")
     def _check_sources(self):
-        _check_source(self.source, ("run:", "hf:", "offline:"), "source")
+        self.source.expect(("run", "hf", "offline"), "source")
         return self
 
 
@@ -158,11 +238,6 @@ class Experiment(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"objective term names must be unique, got {names}")
         return self
-
-
-def _check_source(value: str, prefixes: Sequence[str], key: str) -> None:
-    if not any(value == p or (p.endswith(":") and value.startswith(p)) for p in prefixes):
-        raise ValueError(f"{key} must be one of {list(prefixes)} (prefix + path), got {value!r}")
 
 
 # ----------------------------------------------------------------------------- loading

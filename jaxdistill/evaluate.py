@@ -277,6 +277,107 @@ def agreement_per_head(teacher_by_head: Mapping[str, Any], student_by_head: Mapp
     return {h: agreement(teacher_by_head[h], student_by_head[h], mask_QxN, k) for h in shared}
 
 
+# --- Classifier and binary heads (scikit-learn) -----------------------------------------
+
+def _selected(values: Any, mask: Any, ndim: int) -> np.ndarray:
+    """`values` flattened to rows ([M, C] for ndim 2, [M] for 1), where `mask` is true."""
+    array = np.asarray(values)
+    if ndim == 2:
+        array = array.reshape(-1, array.shape[-1])
+    else:
+        array = array.reshape(-1)
+    if mask is None:
+        return array
+    return array[np.asarray(mask, dtype=bool).reshape(-1)]
+
+
+def classification_metrics(probs_NxC: Any, labels_N: Any, mask_N: Any = None,
+                           bins: int = 10) -> dict[str, Any]:
+    """Accuracy, macro-F1, log loss, AUROC (binary, or one-vs-rest per class and their macro
+    mean), top-label ECE and the confusion matrix of a C-class head over the valid rows.
+
+    Labels must be class ids in [0, C); a metric undefined on the data (AUROC of a class that
+    never or always occurs) is NaN.
+    """
+    from sklearn import metrics as skm
+
+    from jaxdistill.calibration import expected_calibration_error, reliability_curve
+
+    probs = _selected(probs_NxC, mask_N, 2).astype(np.float64)
+    labels = _selected(labels_N, mask_N, 1).astype(np.int64)
+    classes = probs.shape[-1]
+    if len(labels) == 0:
+        return {}
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        raise ValueError(f"class labels must be in [0, {classes}); found {sorted(set(labels[bad]))[:5]}")
+    predicted = probs.argmax(-1)
+    out: dict[str, Any] = {
+        "accuracy": float(skm.accuracy_score(labels, predicted)),
+        "macro_f1": float(skm.f1_score(labels, predicted, average="macro",
+                                       labels=list(range(classes)), zero_division=0)),
+        "log_loss": float(skm.log_loss(labels, np.clip(probs, 1e-12, 1.0),
+                                       labels=list(range(classes)))),
+        "ece": expected_calibration_error(probs.max(-1), (predicted == labels).astype(np.float64),
+                                          bins),
+        "confusion_matrix": skm.confusion_matrix(labels, predicted,
+                                                 labels=list(range(classes))).tolist(),
+        "reliability": reliability_curve(probs.max(-1), (predicted == labels).astype(np.float64),
+                                         bins),
+    }
+    if classes == 2:
+        out["auroc"] = _roc_auc(labels, probs[:, 1])
+    else:
+        per_class = [_roc_auc((labels == c).astype(np.int64), probs[:, c]) for c in range(classes)]
+        out.update({f"auroc_class_{c}": v for c, v in enumerate(per_class)})
+        defined = [v for v in per_class if np.isfinite(v)]
+        out["auroc_macro"] = float(np.mean(defined)) if defined else float("nan")
+    return out
+
+
+def binary_metrics(probs: Any, labels: Any, mask: Any = None, bins: int = 10) -> dict[str, Any]:
+    """AUROC, average precision, ECE and the reliability curve of one sigmoid output against
+    0/1 labels."""
+    from sklearn import metrics as skm
+
+    from jaxdistill.calibration import expected_calibration_error, reliability_curve
+
+    prob_N = _selected(probs, mask, 1).astype(np.float64)
+    label_N = _selected(labels, mask, 1).astype(np.float64)
+    if len(label_N) == 0:
+        return {}
+    both = 0 < label_N.sum() < len(label_N)
+    return {
+        "auroc": _roc_auc(label_N, prob_N),
+        "average_precision": (float(skm.average_precision_score(label_N, prob_N)) if both
+                              else float("nan")),
+        "ece": expected_calibration_error(prob_N, label_N, bins),
+        "reliability": reliability_curve(prob_N, label_N, bins),
+    }
+
+
+def _roc_auc(labels_N: np.ndarray, scores_N: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(labels_N)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels_N, scores_N))
+
+
+def class_agreement(teacher_logits_NxC: Any, student_logits_NxC: Any,
+                    mask_N: Any = None) -> dict[str, float]:
+    """How closely a student's class head follows its teacher's: argmax agreement and
+    KL(teacher || student) of the softmax distributions, over the valid rows."""
+    teacher = _selected(teacher_logits_NxC, mask_N, 2).astype(np.float64)
+    student = _selected(student_logits_NxC, mask_N, 2).astype(np.float64)
+    if len(teacher) == 0:
+        return {}
+    log_t = teacher - np.logaddexp.reduce(teacher, axis=-1, keepdims=True)
+    log_s = student - np.logaddexp.reduce(student, axis=-1, keepdims=True)
+    return {"argmax_agreement": float(np.mean(teacher.argmax(-1) == student.argmax(-1))),
+            "kl": float(np.mean(np.sum(np.exp(log_t) * (log_t - log_s), axis=-1)))}
+
+
 # --- Throughput -------------------------------------------------------------------------
 
 def _batch_size(batch: Any) -> int:

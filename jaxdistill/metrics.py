@@ -99,9 +99,13 @@ class MetricWriter:
 
 
 def progress_bar(total: int, *, initial: int = 0, enabled: bool = True) -> tqdm:
-    """Steps done of `total`, with step rate and ETA (tqdm's); silent off process 0."""
+    """Steps done of `total`, with step rate and ETA; silent off process 0.
+
+    The rate is the average since the bar started (smoothing 0), so one slow step does not
+    swing the ETA; the loop shifts the bar's clock past compilation, evals and saves.
+    """
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                disable=not enabled or jax.process_index() != 0, smoothing=0.1)
+                disable=not enabled or jax.process_index() != 0, smoothing=0.0)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

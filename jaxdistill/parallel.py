@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -110,6 +111,21 @@ def _is_axes(x) -> bool:
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
     """Leading dim over the rules' `batch` axes, the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def batch_multiple(mesh: Mesh, rules: Rules) -> int:
+    """Rows per process a batch must be a multiple of: the batch axes' size over processes."""
+    spec = logical_to_spec(("batch",), rules)[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    return max(size // jax.process_count(), 1)
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: Rules) -> dict[str, Any]:
+    """A host batch as global arrays sharded over the batch axes (each process gives its rows)."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            batch_sharding(mesh, rules, np.ndim(x)), np.asarray(x)), dict(batch))
 
 
 @contextlib.contextmanager

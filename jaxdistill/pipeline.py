@@ -205,7 +205,7 @@ def run_stage(cfg: PipelineConfig, name: str, base_dir: Path, workdir: Path, pre
         return StageOutput(name, key, out, cached=True, seconds=0.0, experiment=experiment)
     _say(f"{name}: training ({experiment.trainer.steps} steps) -> {out}")
     start = time.time()
-    result = train.run(experiment, out, resume=True)
+    result = train.run(experiment, out, resume=True, report=False)
     if result.preempted:
         raise SystemExit(f"{name}: stopped at step {result.step} (preempted); run the pipeline "
                          "again to resume it")
@@ -242,33 +242,43 @@ class Predictions:
 
 def predict_stage(stage: StageOutput, experiment: config_lib.Experiment,
                   spec: EvaluateSpec, *, main: bool = False) -> Predictions:
+    """A stage's model over the evaluation splits (every query, through the shared evaluator)
+    and its scoring rate."""
     import jax
 
-    from jaxdistill import evaluate, train
-    from jaxdistill.data.tokenizer import load_tokenizer
+    from jaxdistill import evaluate, loader, parallel
+    from jaxdistill.config import Source
+    from jaxdistill.data.batches import split_batches
+    from jaxdistill.evaluator import Evaluator
     from jaxdistill.models.model import count_params, functional
 
     experiment = experiment.model_copy(update={"data": experiment.data.model_copy(
         update={"list_size": spec.list_size, "batch_size": spec.batch_size})})
-    model_cfg, params = train.load_model(f"run:{stage.path}")
+    mesh = parallel.make_mesh(experiment.mesh.shape)
+    rules = dict(experiment.mesh.rules)
+    model_cfg, params = loader.load_model(Source("run", stage.path), mesh=mesh, rules=rules)
     model = functional(model_cfg)
-    tokenizer = load_tokenizer(experiment.data.tokenizer)
+    evaluator = Evaluator(model, mesh=mesh, rules=rules)
     # Every query of a split is scored (the short last batch too). A model without a
     # relevance head (other than the main student, which is calibrated) needs the test split only.
     splits = EVAL_SPLITS if "relevance" in model_cfg.heads or main else ("test",)
-    batches = {split: list(train.split_dataset(experiment, tokenizer, split, train=False,
-                                               drop_remainder=False)) for split in splits}
-    outputs = {split: train.predict(model, params, batches[split]) for split in splits}
+    batches = {split: list(split_batches(experiment, split, train=False, shard=False))
+               for split in splits}
+    outputs = {}
+    for split in splits:
+        scores = evaluator.run(params, {}, batches[split])
+        outputs[split] = {**scores.student,
+                          **{f"batch/{k}": v for k, v in scores.fields.items()}}
     # Full test batches, on the device before timing: the rate is the model's, not the host
     # transfer's.
     full = [b for b in batches["test"] if len(b["input_ids"]) == spec.batch_size]
-    inputs = [jax.device_put({k: v for k, v in b.items() if k in train.MODEL_INPUTS})
+    forward = jax.jit(evaluator.predict_fns()["student"])
+    inputs = [jax.device_put({k: v for k, v in b.items() if k != "batch_malformed"})
               for b in full[:spec.throughput_batches]]
-    apply = model.jit_apply
     items = [int(np.prod(b["input_ids"].shape[:-1])) for b in inputs]
 
     def score(batch):
-        return jax.block_until_ready(apply(params, batch))
+        return jax.block_until_ready(forward(params, batch))
 
     # Best of three passes: on a shared CPU, one pass can land on someone else's busy second.
     rate = max(evaluate.measure_throughput(score, inputs, warmup=2 if i == 0 else 0,

@@ -319,3 +319,114 @@ def write_report(run_dir: str | Path, *, headline: Mapping[str, Any],
          "calibration": calibration, "kappa_by_dimension": kappa}, indent=1,
         default=_json_default))
     return report_path
+
+
+# --- The report of any run ---------------------------------------------------------------
+
+EVAL_CURVES_PNG = "eval_curves.png"
+CONFUSION_PNG = "confusion_matrices.png"
+RELIABILITY_PNG = "reliability.png"
+
+
+def _run_eval(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
+
+
+def _plot_confusion(matrices: Mapping[str, Sequence[Sequence[int]]], path: Path) -> None:
+    figure, axes = _figure(len(matrices), panel_size=(3.8, 3.4))
+    for ax, (name, matrix) in zip(axes, matrices.items()):
+        counts = np.asarray(matrix, dtype=np.float64)
+        ax.imshow(counts, cmap="Blues")
+        for (i, j), value in np.ndenumerate(counts):
+            ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=8,
+                    color="white" if value > counts.max() / 2 else "black")
+        ax.set_xticks(range(len(counts)))
+        ax.set_yticks(range(len(counts)))
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("label")
+        ax.set_title(name)
+    figure.savefig(path, dpi=100)
+
+
+def write_run_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """report.md (+ PNGs) for one or more training runs of any kind, from what each run wrote:
+    metrics.jsonl (loss per objective term, eval metrics over steps) and eval.json (its last
+    evaluation: metrics by head, confusion matrices, reliability curves); with several runs, a
+    side-by-side table of their last evaluations. Returns the report.md path."""
+    run_dirs = [Path(d) for d in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [d.name for d in run_dirs]
+    losses: Curves = {}
+    eval_curves: Curves = {}
+    evals = {}
+    for name, run_dir in zip(names, run_dirs):
+        metrics_path = run_dir / "metrics.jsonl"
+        curves = read_metrics_jsonl(metrics_path) if metrics_path.is_file() else {}
+        losses[name] = {k: v for k, v in curves.items() if k.startswith(("loss/", "eval/loss/"))}
+        eval_curves[name] = {k.removeprefix("eval/"): v for k, v in curves.items()
+                             if k.startswith("eval/") and not k.startswith("eval/loss/")}
+        evals[name] = _run_eval(run_dir)
+
+    title = names[0] if len(names) == 1 else " vs ".join(names)
+    md = [f"# Run report: {title}", ""]
+    md += ["## Last evaluation", ""]
+    scalar = {name: {k: v for k, v in e.get("metrics", {}).items() if _is_number(v)}
+              for name, e in evals.items()}
+    keys = list(dict.fromkeys(k for m in scalar.values() for k in m))
+    if keys:
+        splits = {n: f"{e.get('split')} @ step {e.get('step')}" for n, e in evals.items() if e}
+        md += [", ".join(f"{n}: {where}" for n, where in splits.items()), ""]
+        md += _table(["metric", *names], [[k, *(_fmt(scalar[n].get(k)) for n in names)]
+                                          for k in keys])
+    else:
+        md.append("No evaluation recorded (the run has no eval split, or did not finish).")
+
+    md += ["", "## Loss per objective term", ""]
+    if any(points for terms in losses.values() for points in terms.values()):
+        _plot_training_curves({n: t for n, t in losses.items() if t}, out_dir / TRAINING_CURVES_PNG)
+        md.append(f"![Loss per objective term]({TRAINING_CURVES_PNG})")
+    else:
+        md.append("No losses recorded.")
+
+    md += ["", "## Eval metrics over steps", ""]
+    by_metric: Curves = {}  # {metric: {run: points}}: one panel per metric, a line per run
+    for n, curves in eval_curves.items():
+        for k, points in curves.items():
+            if points and not k.startswith(("agreement/", "teacher/")):
+                by_metric.setdefault(k, {})[n] = points
+    if by_metric:
+        _plot_training_curves(dict(list(by_metric.items())[:12]), out_dir / EVAL_CURVES_PNG)
+        md.append(f"![Eval metrics over steps]({EVAL_CURVES_PNG})")
+    else:
+        md.append("No eval metrics recorded.")
+
+    matrices = {f"{n}: {k.removesuffix('/confusion_matrix')}": v for n, e in evals.items()
+                for k, v in e.get("metrics", {}).items() if k.endswith("/confusion_matrix")}
+    md += ["", "## Confusion matrices", ""]
+    if matrices:
+        _plot_confusion(matrices, out_dir / CONFUSION_PNG)
+        md.append(f"![Confusion matrices]({CONFUSION_PNG})")
+    else:
+        md.append("No classifier heads.")
+
+    reliability = {f"{n}: {k.replace('reliability', '').strip('/_') or k}": {
+                       "before": v, "ece_before": e["metrics"].get(k.replace("reliability", "ece"))}
+                   for n, e in evals.items() for k, v in e.get("metrics", {}).items()
+                   if k.rsplit("/", 1)[-1].startswith("reliability")}
+    md += ["", "## Reliability", ""]
+    if reliability:
+        _plot_calibration(reliability, out_dir / RELIABILITY_PNG)
+        md += ["Equal-mass bins of predicted probability against the observed rate "
+               "(uncalibrated outputs).", "", f"![Reliability]({RELIABILITY_PNG})"]
+    else:
+        md.append("No probabilistic heads with labels.")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path

@@ -262,7 +262,9 @@ def test_cached_teacher_terms_equal_online(dataset_dir, tokenizer_dir, tmp_path)
         f"data.path={second}", f"teachers.relevance.source=offline:{second}",
         f"teachers.engagement.source=offline:{second}", tokenizer])
     cache.check_offline_sources(offline_cfg)
-    batch = next(cache.eval_batches(offline_cfg, "train"))
+    from jaxdistill.data.batches import split_batches
+
+    batch = next(iter(split_batches(offline_cfg, "train", train=False)))
     assert batch["offline"]["relevance"]["relevance"].shape == (8, 4, 2)
     assert batch["offline"]["engagement"]["actions"].shape == (8, 4, 3)
     online_batch = {k: v for k, v in batch.items() if k != "offline"}
@@ -274,8 +276,10 @@ def test_cached_teacher_terms_equal_online(dataset_dir, tokenizer_dir, tmp_path)
     _, from_cache = compute_objective(offline_cfg.objective, student_out, {}, batch, step)
     _, from_online = compute_objective(offline_cfg.objective, student_out, online,
                                        online_batch, step)
+    # The cache comes from the evaluator's sharded program (8 devices), the reference from one
+    # unsharded forward: equal to float32 rounding.
     for term in ("loss/relevance_kd", "loss/engagement_kd", "loss/total"):
-        np.testing.assert_allclose(from_cache[term], from_online[term], rtol=1e-6)
+        np.testing.assert_allclose(from_cache[term], from_online[term], rtol=1e-5, atol=1e-7)
     assert float(from_cache["loss/relevance_kd"]) > 0
 
     with pytest.raises(ConfigError, match="data.path must be"):
@@ -320,8 +324,8 @@ def test_train_teachers_distill_eval_export(dataset_dir, tokenizer_dir, tmp_path
 
     code, out, err = run_cli(capsys, "eval", student)
     assert code == 0, err
-    result = json.loads(out)
-    assert (student / "eval_validation.json").is_file()
+    result = json.loads((student / "eval.json").read_text())
+    assert "relevance/ndcg_at_10" in out  # the printed table
     assert set(result["terms"]) >= {"loss/relevance_kd", "loss/engagement_kd", "loss/total"}
     assert all(np.isfinite(v) for v in result["terms"].values())
     assert 0 <= result["metrics"]["relevance/ndcg_at_10"] <= 1

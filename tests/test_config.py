@@ -200,8 +200,11 @@ def test_objective_names_missing_teacher_or_head():
     ("objective.0.weight=-1", "objective[0]: term 'relevance_kd': weight must be >= 0"),
     ("objective.0.label=grade", "objective[0]: term 'relevance_kd': set exactly one of "
                                 "'teacher' or 'label'"),
-    ("teachers.relevance.source=runs/x", "teachers.relevance: source must be one of ['run:', "
-                                         "'hf:', 'offline:'] (prefix + path), got 'runs/x'"),
+    ("teachers.relevance.source=runs/x", "teachers.relevance.source: expected a source "
+                                         "'run:DIR', 'hf:DIR' or 'offline:DIR' ('scratch' for "
+                                         "model.init), found 'runs/x'"),
+    ("teachers.relevance.source=scratch", "teachers.relevance: source must be one of "
+                                          "['run:DIR', 'hf:DIR', 'offline:DIR'], found 'scratch'"),
 ])
 def test_term_and_teacher_validation_surfaced(override, expected):
     message = error(overrides=[override])

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from jaxdistill import config as config_lib
-from jaxdistill import train
+from jaxdistill import loader, parallel, train
 from jaxdistill.checkpoint import CHECKPOINT_SUBDIR, Checkpointer, load_params
 from jaxdistill.data import sources
 from jaxdistill.data.pipeline import make_dataset
 from jaxdistill.data.tokenizer import load_tokenizer, yes_no_token_ids
+from jaxdistill.evaluator import Evaluator, term_agreement
 from jaxdistill.metrics import read_metrics
 from jaxdistill.models.model import functional
 
@@ -146,21 +147,31 @@ def test_distill_from_a_run_teacher_and_refuse_other_teachers(teacher_run, data_
 
 def test_load_model_names_a_missing_source(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"run:{tmp_path}/nope"):
-        train.load_model(f"run:{tmp_path}/nope")
+        loader.load_model(f"run:{tmp_path}/nope")
 
 
-def test_predict_concatenates_heads_and_labels(teacher_run, data_dir, tokenizer):
+def test_evaluator_concatenates_heads_and_labels(teacher_run, data_dir, tokenizer):
+    """Every record is scored (the short last batch padded and trimmed back), the same as one
+    forward over the whole split at once."""
     model_cfg, params = load_params(teacher_run[0].run_dir)
     dataset = make_dataset(sources.open_source(data_dir, "validation"), tokenizer=tokenizer,
                            max_len=16, batch_size=6, list_size=3, seed=0, shuffle=False,
                            num_epochs=1, drop_remainder=False)
-    out = train.predict(functional(model_cfg), params, iter(dataset))
+    mesh = parallel.make_mesh((-1, 1, 1))
+    evaluator = Evaluator(functional(model_cfg), mesh=mesh, rules=parallel.DEFAULT_RULES)
+    scores = evaluator.run(params, {}, iter(dataset))
+    out = scores.student
     assert out["relevance"].shape == (16, 3, 2) and out["pooled"].shape == (16, 3, 32)
-    assert out["batch/grade"].shape == (16, 3)
-    np.testing.assert_array_equal(out["batch/candidate_mask"], np.ones((16, 3)))
-    assert np.isfinite(out["relevance"]).all()
-    assert train.predict(functional(model_cfg), params, iter(dataset),
-                         max_batches=1)["relevance"].shape == (6, 3, 2)
+    assert scores.fields["grade"].shape == (16, 3) and scores.rows == 16
+    np.testing.assert_array_equal(scores.fields["candidate_mask"], np.ones((16, 3)))
+    whole = next(iter(make_dataset(sources.open_source(data_dir, "validation"),
+                                   tokenizer=tokenizer, max_len=16, batch_size=16, list_size=3,
+                                   seed=0, shuffle=False, num_epochs=1)))
+    direct = functional(model_cfg).apply(params, {k: v for k, v in whole.items()
+                                                  if k != "batch_malformed"})
+    np.testing.assert_allclose(out["relevance"], direct["relevance"], rtol=1e-5, atol=1e-6)
+    assert evaluator.run(params, {}, iter(dataset),
+                         max_batches=1).student["relevance"].shape == (6, 3, 2)
 
 
 def test_warm_start_copies_slices_and_spaces_layers(caplog):
@@ -181,8 +192,8 @@ def test_warm_start_copies_slices_and_spaces_layers(caplog):
     }
     fallback = {"embed": jnp.zeros((4, 2)), "layers": {"w": jnp.zeros((3, 2, 3))},
                 "norm": jnp.zeros(3), "head": jnp.full((3, 4), 7.0), "extra": jnp.full(2, 9.0)}
-    with caplog.at_level(logging.INFO, logger="jaxdistill.train"):
-        out = train.warm_start(target, source, fallback=fallback)
+    with caplog.at_level(logging.INFO, logger="jaxdistill.loader"):
+        out = loader.warm_start(target, source, fallback=fallback)
     np.testing.assert_array_equal(out["embed"], source["embed"][:, :2])
     np.testing.assert_array_equal(out["layers"]["w"], source["layers"]["w"][np.array([0, 2, 4])])
     assert out["norm"].dtype == jnp.bfloat16 and np.all(np.asarray(out["norm"]) == 1)
@@ -190,7 +201,7 @@ def test_warm_start_copies_slices_and_spaces_layers(caplog):
     np.testing.assert_array_equal(out["extra"], fallback["extra"])
     assert "copied 1 weights, adapted 2, skipped 2, source-only 1" in caplog.text
     with pytest.raises(ValueError, match="no fallback"):
-        train.warm_start(target, source)
+        loader.warm_start(target, source)
 
 
 # ------------------------------------------------------------------ subprocess (kill) tests
@@ -307,11 +318,11 @@ def test_agreement_per_loss_kind():
     listnet = Term(name="d", loss="listnet", student="relevance", teacher="t",
                    mask="candidate_mask")
     # Row 0: the masked third candidate is ignored, both pick index 1; row 1: both pick 0.
-    assert float(train._agreement(listnet, scores, teacher, batch)) == 1.0
+    assert float(term_agreement(listnet, scores, teacher, batch)) == 1.0
     ce = Term(name="c", loss="cross_entropy", student="relevance", label="grade")
-    assert float(train._agreement(ce, scores, teacher, batch)) == 0.0  # argmax 2, 0 vs 1, 2
+    assert float(term_agreement(ce, scores, teacher, batch)) == 0.0  # argmax 2, 0 vs 1, 2
     bce = Term(name="b", loss="soft_bce", student="relevance", teacher="t")
-    assert float(train._agreement(bce, scores, teacher, batch)) == pytest.approx(2 / 6)
+    assert float(term_agreement(bce, scores, teacher, batch)) == pytest.approx(2 / 6)
 
 
 def test_teacher_starts_from_an_hf_directory_by_config(data_dir, tokenizer, tmp_path):
@@ -330,15 +341,21 @@ def test_teacher_starts_from_an_hf_directory_by_config(data_dir, tokenizer, tmp_
     from jaxdistill.models import hf
 
     rope_theta = hf.config_from_hf(hf_dir).rope_theta
-    wrong = experiment(data_dir, tokenizer, "from_hf",
-                       model={"init": f"hf:{hf_dir}", "backbone": {"rope_theta": rope_theta + 1}})
-    with pytest.raises(ValueError, match=r"model.backbone does not describe.*rope_theta"):
-        train.initial_params(wrong, functional(train.model_config(wrong.model)), None, None)
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"model.backbone does not describe.*rope_theta: config 10001.0"):
+        experiment(data_dir, tokenizer, "from_hf",
+                   model={"init": f"hf:{hf_dir}", "backbone": {"rope_theta": rope_theta + 1}})
+    # Without a backbone the checkpoint's own config fills it; numerics may still be set.
+    base = experiment(data_dir, tokenizer, "x").model_dump(mode="json")
+    filled = config_lib.validate({**base, "model": {
+        "init": f"hf:{hf_dir}", "backbone": {"remat": "dots"}, "heads": base["model"]["heads"]}},
+        source="filled")
+    assert filled.model.backbone == hf.config_from_hf(hf_dir, remat="dots")
 
     cfg = experiment(data_dir, tokenizer, "from_hf",
                      model={"init": f"hf:{hf_dir}", "backbone": {"rope_theta": rope_theta}},
                      trainer={"steps": 1, "eval_every": 1, "log_every": 1})
-    initial = train.initial_params(cfg, functional(train.model_config(cfg.model)), None, None)
+    initial = loader.initial_params(cfg, functional(loader.model_config(cfg.model)), None, None)
     embedding = np.asarray(initial["backbone"]["embed"]["embedding"])
     hf_embedding = transformers.Qwen3ForCausalLM.from_pretrained(hf_dir).get_input_embeddings()
     np.testing.assert_array_equal(embedding, hf_embedding.weight.detach().numpy())

@@ -68,7 +68,8 @@ class Distiller:
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     micro_batches: int = 1
-    teacher_inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Teachers on another tokenizer than the student's read `batch["tokens"][key]`.
+    token_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def init_state(self, params: Params) -> State:
         return {
@@ -78,21 +79,17 @@ class Distiller:
             "skipped": jnp.zeros((), jnp.int32),
         }
 
-    def teacher_batch(self, name: str, batch: Mapping[str, Any]) -> Mapping[str, Any]:
-        """A teacher with its own tokenizer reads `batch[teacher_inputs[name]]`."""
-        key = self.teacher_inputs.get(name)
-        return batch if key is None else batch[key]
-
     def run_teachers(self, teacher_params: Mapping[str, Params], batch) -> dict[str, Any]:
         return {
-            name: jax.lax.stop_gradient(model.apply(teacher_params[name], self.teacher_batch(name, batch)))
+            name: jax.lax.stop_gradient(jax.named_call(model.apply, name=name)(
+                teacher_params[name], model_batch(batch, self.token_keys.get(name))))
             for name, model in self.teachers.items()
             if name in teacher_params
         }
 
     def _grads(self, params, teacher_params, batch, step):
         def loss_fn(p, teacher_outputs, micro):
-            student_outputs = self.student.apply(p, micro)
+            student_outputs = jax.named_call(self.student.apply, name="student")(p, micro)
             return compute_objective(self.terms, student_outputs, teacher_outputs, micro, step)
 
         def grads_and_metrics(micro):
@@ -145,6 +142,18 @@ class Distiller:
         return new_state, metrics
 
 
+def model_batch(batch: Mapping[str, Any], tokens_key: str | None) -> Mapping[str, Any]:
+    """The batch a model reads: the student's token inputs, or those of the tokenizer keyed
+    `tokens_key` in `batch["tokens"]` (every other field is shared)."""
+    if tokens_key is None:
+        return batch
+    tokens = batch.get("tokens", {})
+    if tokens_key not in tokens:
+        raise KeyError(f"batch has no inputs of tokenizer {tokens_key!r} (batch['tokens'] holds "
+                       f"{sorted(tokens)})")
+    return {**batch, **tokens[tokens_key]}
+
+
 def _replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
@@ -153,32 +162,40 @@ def batch_shardings(batch, mesh: Mesh, rules: parallel.Rules):
     return jax.tree.map(lambda x: parallel.batch_sharding(mesh, rules, x.ndim), batch)
 
 
-def init_sharded_state(distiller: Distiller, seed: int, mesh: Mesh, rules: parallel.Rules,
-                       params: Params | None = None) -> State:
-    """Student params (fresh, or given) and optimizer state, each born in its sharding."""
+def declared_state_shardings(distiller: Distiller, mesh: Mesh, rules: parallel.Rules):
+    """The state's shardings from the student's logical axes, without allocating anything.
+
+    Moments are zeros_like(params): nothing ties them to the params' shardings (XLA would
+    replicate them), so each param-shaped subtree of the optimizer state gets them explicitly.
+    """
     param_shardings = distiller.student.shardings(mesh, rules)
-    if params is None:
-        params = distiller.student.init(seed, mesh, rules)
-    else:
-        params = jax.device_put(params, param_shardings)
-    # Moments are zeros_like(params): nothing ties them to the params' shardings (XLA
-    # replicates them), so each param-shaped subtree of the optimizer state gets them explicitly.
-    abstract = jax.eval_shape(distiller.init_state, params)
+    abstract = jax.eval_shape(distiller.init_state, distiller.student.shapes)
     opt_shardings = optax.tree_map_params(
         distiller.optimizer, lambda _, sharding: sharding, abstract["opt_state"], param_shardings,
         transform_non_params=lambda _: _replicated(mesh),
     )
-    out_shardings = {
-        "params": param_shardings, "opt_state": opt_shardings,
-        "step": _replicated(mesh), "skipped": _replicated(mesh),
-    }
-    return jax.jit(
-        distiller.init_state, in_shardings=(param_shardings,), out_shardings=out_shardings
-    )(params)
+    return {"params": param_shardings, "opt_state": opt_shardings,
+            "step": _replicated(mesh), "skipped": _replicated(mesh)}
 
 
-def state_shardings(state: State):
-    return jax.tree.map(lambda x: x.sharding, state)
+def abstract_state(distiller: Distiller, mesh: Mesh, rules: parallel.Rules):
+    """The state as `jax.ShapeDtypeStruct`s carrying their declared shardings (a restore
+    target, or the input of `compile_step` without any array)."""
+    shapes = jax.eval_shape(distiller.init_state, distiller.student.shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, declared_state_shardings(distiller, mesh, rules))
+
+
+def init_sharded_state(distiller: Distiller, seed: int, mesh: Mesh, rules: parallel.Rules,
+                       params: Params | None = None) -> State:
+    """Student params (fresh, or given) and optimizer state, each born in its sharding."""
+    shardings = declared_state_shardings(distiller, mesh, rules)
+    if params is None:
+        params = distiller.student.init(seed, mesh, rules)
+    else:
+        params = jax.device_put(params, shardings["params"])
+    return jax.jit(distiller.init_state, in_shardings=(shardings["params"],),
+                   out_shardings=shardings)(params)
 
 
 def compile_step(
@@ -191,12 +208,15 @@ def compile_step(
     *,
     fused: bool = True,
 ) -> Callable:
-    """The step jitted with explicit shardings; the student's state is donated.
+    """The step jitted with the shardings the models declare; the student's state is donated.
 
+    `state` is only read for its structure (a live state or `abstract_state`): shardings come
+    from the student's logical axes, so a fresh and a resumed run compile the same program.
     Unfused (a baseline for benchmarks and tests): the online teachers run in their own jit
     and their outputs enter the student step as `batch["offline"]`.
     """
-    state_sh = state_shardings(state)
+    del state
+    state_sh = declared_state_shardings(distiller, mesh, rules)
     teacher_sh = {
         name: distiller.teachers[name].shardings(mesh, rules) for name in teacher_params
     }

@@ -524,6 +524,7 @@ def load_hf(
     mesh: jax.sharding.Mesh | None = None,
     rules: parallel.Rules | None = None,
     allow_pickle: bool = False,
+    init_missing_heads: bool = True,
     seed: int = 0,
     **overrides,
 ) -> tuple[ModelConfig, Params]:
