@@ -9,7 +9,16 @@ import jax.numpy as jnp
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from jaxdistill.models.layers import Embed, Linear, RematPolicy, RMSNorm, Stack, attention, rope
+from jaxdistill.models.layers import (
+    Embed,
+    Linear,
+    RematPolicy,
+    RMSNorm,
+    Stack,
+    attention,
+    rope,
+    rope_frequencies,
+)
 from jaxdistill.parallel import constrain
 
 
@@ -84,7 +93,7 @@ class DecoderLayer(nnx.Module):
         self.up_proj = Linear(cfg.hidden, cfg.mlp, ("embed", "mlp"), **kw)
         self.down_proj = Linear(cfg.mlp, cfg.hidden, ("mlp", "embed"), **kw)
 
-    def __call__(self, x_BxTxD, positions_BxT, lengths_B, segment_ids_BxT):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         h_BxTxD = self.input_norm(x_BxTxD)
@@ -93,11 +102,12 @@ class DecoderLayer(nnx.Module):
         v_BxTxKxH = self.v_proj(h_BxTxD).reshape(b, t, cfg.kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
-        q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
-        k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+        inv_freq_H2 = rope_frequencies(cfg.head_dim, cfg.rope_theta)
+        q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, inv_freq_H2)
+        k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, inv_freq_H2)
         attended_BxTxNxH = attention(
-            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, lengths_B=lengths_B, causal=True,
-            segment_ids_BxT=segment_ids_BxT, implementation=cfg.attention_impl,
+            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=segment_ids_BxT, causal=True,
+            implementation=cfg.attention_impl,
         )
         x_BxTxD = x_BxTxD + self.o_proj(attended_BxTxNxH.reshape(b, t, -1))
         h_BxTxD = self.post_attention_norm(x_BxTxD)
@@ -135,17 +145,19 @@ class Decoder(nnx.Module):
         positions_BxT: jax.Array | None = None,
         token_type_ids_BxT: jax.Array | None = None,
     ) -> jax.Array:
-        """Final-norm hidden states [B, T, D] of right-padded (or packed) sequences."""
+        """Final-norm hidden states [B, T, D] of padded (either side) or packed sequences.
+
+        Without `positions_BxT`, a token's position counts the real tokens before it (as
+        transformers' `generate` does), so left and right padding give the same states.
+        """
         del token_type_ids_BxT  # decoders have no segment embedding
-        b, t = input_ids_BxT.shape
-        # An all-padding row (a padded list slot) still attends to its first token: no NaNs.
-        lengths_B = jnp.maximum(jnp.sum(attention_mask_BxT, axis=-1), 1).astype(jnp.int32)
+        mask_BxT = attention_mask_BxT.astype(jnp.int32)
         if positions_BxT is None:
-            positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=-1) - 1, 0)
+        if segment_ids_BxT is None:
+            segment_ids_BxT = mask_BxT  # one segment of real tokens; padding is segment 0
         x_BxTxD = constrain(self.embed(input_ids_BxT), ("batch", "seq", "embed"))
-        x_BxTxD = self.layers(
-            x_BxTxD, positions_BxT, lengths_B, segment_ids_BxT, remat=self.cfg.remat
-        )
+        x_BxTxD = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT, remat=self.cfg.remat)
         return self.final_norm(x_BxTxD)
 
     def unembedding(self) -> jax.Array:

@@ -630,7 +630,7 @@ def _heads_metadata(cfg: ModelConfig, tokenizer) -> dict:
         "backbone": {"type": backbone.type, "family": backbone.family, "hidden": backbone.hidden,
                      "pooling": pooled},
         "pooled": {"last_token": "final-norm hidden state at the last real (attention_mask=1) "
-                                 "position", "cls": "last hidden state at position 0",
+                                 "position", "cls": "last hidden state at the first real position",
                    "mean": "mean of last hidden states over real positions"}[pooled],
         "weights": (f"{HEADS_WEIGHTS}: '<head>/<layer>/kernel' [in, out] and "
                     "'<head>/<layer>/bias' [out]; a dense layer is y = x @ kernel + bias. "

@@ -82,11 +82,14 @@ def _our_outputs(cfg, params):
     return np.asarray(hidden), None if logits is None else np.asarray(logits)
 
 
-def _assert_close_at_real(ours, theirs, rtol=1e-4):
-    _, mask = _batch()
+def _assert_close_at_real(ours, theirs, rtol=1e-4, mask=None, what="parity"):
+    """Max |ours - theirs| over real positions, relative to max |theirs|; printed (pytest -s)."""
+    mask = _batch()[1] if mask is None else mask
     real = mask.astype(bool)
-    err = np.max(np.abs(ours[real] - theirs[real])) / np.max(np.abs(theirs[real]))
-    assert err < rtol, f"relative error {err:.2e}"
+    diff = np.max(np.abs(ours[real] - theirs[real]))
+    err = diff / np.max(np.abs(theirs[real]))
+    print(f"{what}: max abs {diff:.2e}, relative {err:.2e}")
+    assert err < rtol, f"{what}: relative error {err:.2e}"
 
 
 def _leaves_equal(a, b):
@@ -112,6 +115,52 @@ def test_parity_with_transformers(tmp_path, family, kw):
     if family != "bert":
         assert cfg.backbone.tie_embeddings == kw["tie_word_embeddings"]
         _assert_close_at_real(logits, torch_logits)
+
+
+def _left_padded(ids, mask):
+    """The same rows with their padding moved to the left."""
+    shift = mask.shape[1] - mask.sum(1)
+    roll = lambda x: np.stack([np.roll(row, k) for row, k in zip(x, shift)])  # noqa: E731
+    return roll(ids), roll(mask)
+
+
+def test_left_padding_matches_right_padding_and_transformers(tmp_path):
+    _save_random("llama", tmp_path, tie_word_embeddings=False)
+    cfg, params = hf.load_hf(tmp_path, dtype="float32",
+                             heads={"pair": {"type": "token_score", "token_ids": (5, 9)}})
+    model = functional(cfg)
+    bound = model.bind(params)
+    ids, mask = _batch()
+    left_ids, left_mask = _left_padded(ids, mask)
+    assert left_mask[2, 0] == 0 and left_mask[2, -1] == 1
+
+    def ours(ids, mask):
+        hidden = bound.backbone(jax.numpy.asarray(ids), jax.numpy.asarray(mask))
+        return np.asarray(hidden), np.asarray(hidden @ bound.backbone.unembedding())
+
+    right_hidden, right_logits = ours(ids, mask)
+    left_hidden, left_logits = ours(left_ids, left_mask)
+    real, left_real = mask.astype(bool), left_mask.astype(bool)
+    np.testing.assert_allclose(left_hidden[left_real], right_hidden[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(left_logits[left_real], right_logits[real], rtol=1e-5, atol=1e-5)
+    # The pooled (last real) token and the head read from it agree too.
+    right_out = model.apply(params, {"input_ids": ids, "attention_mask": mask})
+    left_out = model.apply(params, {"input_ids": left_ids, "attention_mask": left_mask})
+    for key in ("pooled", "pair"):
+        np.testing.assert_allclose(left_out[key], right_out[key], rtol=1e-5, atol=1e-5)
+
+    # transformers with the left-padded mask and generate()'s positions (cumsum of the mask).
+    positions = np.maximum(np.cumsum(left_mask, 1) - 1, 0)
+    inputs = dict(input_ids=torch.tensor(left_ids, dtype=torch.long),
+                  attention_mask=torch.tensor(left_mask), position_ids=torch.tensor(positions))
+    lm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                           attn_implementation="eager")
+    with torch.no_grad():
+        out = lm(**inputs, output_hidden_states=True)
+    _assert_close_at_real(left_hidden, out.hidden_states[-1].numpy(), mask=left_mask,
+                          what="llama left-padded hidden")
+    _assert_close_at_real(left_logits, out.logits.numpy(), mask=left_mask,
+                          what="llama left-padded logits")
 
 
 def test_sharded_index_and_mesh_loading(tmp_path):
