@@ -515,6 +515,12 @@ def _read_side_heads(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
     return meta, weights
 
 
+def _describe_heads(heads: Mapping[str, Any]) -> str:
+    if not heads:
+        return "no heads"
+    return "heads " + ", ".join(f"{n!r} ({e['config']})" for n, e in sorted(heads.items()))
+
+
 def load_hf(
     hf_dir: str | os.PathLike,
     *,
@@ -524,6 +530,7 @@ def load_hf(
     mesh: jax.sharding.Mesh | None = None,
     rules: parallel.Rules | None = None,
     allow_pickle: bool = False,
+    init_missing_heads: bool = False,
     seed: int = 0,
     **overrides,
 ) -> tuple[ModelConfig, Params]:
@@ -532,10 +539,11 @@ def load_hf(
     Backbone weights come from the checkpoint, cast to `param_dtype`, each created directly in
     its sharding on `mesh` (rules: `parallel.DEFAULT_RULES` unless given; no mesh: the default
     device). Heads: with `heads=None`, those recorded in the directory's `jaxdistill_heads.json`
-    (a jaxdistill export), else none. Named heads found in the side file with the same config
-    load their weights from it; the others are freshly initialised from `seed` and the head's
-    name (so adding a head does not change another's initialisation). `overrides` go to the
-    backbone config (remat, attention_impl, pooling).
+    (a jaxdistill export), else none. Named heads load their weights from the side file, which
+    must hold them with the same config; one it lacks is an error unless `init_missing_heads`,
+    which initialises it from `seed` and the head's name (so adding a head does not change
+    another's initialisation). Heads without weights (token_score, lm) need nothing stored.
+    `overrides` go to the backbone config (remat, attention_impl, pooling).
     """
     hf_dir = Path(hf_dir)
     family = detect_family(hf_dir)
@@ -571,17 +579,26 @@ def load_hf(
         if name not in f.shapes.get("heads", {}):
             continue  # token_score / lm heads have no weights
         stored = side_heads.get(name)
+        wanted = head_cfg.model_dump(mode="json")
+        if stored is not None and stored["config"] != wanted:
+            raise ValueError(
+                f"{hf_dir / HEADS_JSON}: head {name!r} is stored as {stored['config']}, asked "
+                f"for {wanted}; rename the new head or drop it"
+            )
         if stored is None:
+            if not init_missing_heads:
+                holds = (f"{HEADS_JSON} holds {_describe_heads(side_heads)}" if side
+                         else f"it has no {HEADS_JSON} (a plain transformers checkpoint)")
+                raise ValueError(
+                    f"{hf_dir}: head {name!r} ({wanted}) has no weights there: {holds}. Pass "
+                    "init_missing_heads=True to initialise it from the seed, or ask for a "
+                    "head it holds"
+                )
             params.setdefault("heads", {})[name] = _init_head(cfg, name, seed,
                                                                shardings["heads"][name])
             log.info("%s: head %r is not in the checkpoint; initialised from seed %d",
                      hf_dir, name, seed)
             continue
-        if stored["config"] != head_cfg.model_dump(mode="json"):
-            raise ValueError(
-                f"{hf_dir / HEADS_JSON}: head {name!r} is stored as {stored['config']}, asked "
-                f"for {head_cfg.model_dump(mode='json')}; rename the new head or drop it"
-            )
         for path, leaf in jax.tree_util.tree_leaves_with_path(f.shapes["heads"][name]):
             keys = tuple(k.key for k in path)
             value = side[1]["/".join((name,) + keys)]

@@ -222,7 +222,8 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path):
     _save_random("qwen3", tmp_path / "hf", tie_word_embeddings=True)
     tokenizer_dir = tmp_path / "tok"
     build_tokenizer(["job search query document relevance"] * 4, 60, tokenizer_dir)
-    cfg, params = hf.load_hf(tmp_path / "hf", heads=HEADS, dtype="float32", seed=3)
+    cfg, params = hf.load_hf(tmp_path / "hf", heads=HEADS, dtype="float32", seed=3,
+                             init_missing_heads=True)
     assert set(params["heads"]) == {"engagement"}  # token_score has no weights of its own
     out = hf.export_hf(cfg, params, tmp_path / "export", tokenizer_dir=tokenizer_dir)
     assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".export.tmp-*"))
@@ -255,7 +256,7 @@ def test_bert_export_loads_in_transformers(tmp_path):
     _save_random("bert", tmp_path / "hf")
     cfg, params = hf.load_hf(tmp_path / "hf", dtype="float32",
                              heads={"relevance": {"type": "classifier", "classes": 2}},
-                             pooling="mean")
+                             init_missing_heads=True, pooling="mean")
     out = hf.export_hf(cfg, params, tmp_path / "export")
     cfg2, params2 = hf.load_hf(out, dtype="float32")
     assert cfg2 == cfg and cfg2.backbone.pooling == "mean"
@@ -278,10 +279,34 @@ def test_untied_llama_export_loads_in_transformers(tmp_path):
 def test_fresh_heads_are_seeded_by_name(tmp_path):
     _save_random("qwen3", tmp_path)
     action = {"type": "actions", "names": ("click",)}
-    _, a = hf.load_hf(tmp_path, heads={"x": action}, seed=1)
-    _, b = hf.load_hf(tmp_path, heads={"x": action, "y": action}, seed=1)
+    _, a = hf.load_hf(tmp_path, heads={"x": action}, seed=1, init_missing_heads=True)
+    _, b = hf.load_hf(tmp_path, heads={"x": action, "y": action}, seed=1,
+                      init_missing_heads=True)
     _leaves_equal(a["heads"]["x"], b["heads"]["x"])  # adding a head leaves the others alone
     assert not np.array_equal(b["heads"]["x"]["out"]["kernel"], b["heads"]["y"]["out"]["kernel"])
+
+
+def test_missing_heads_are_refused_unless_asked_for(tmp_path):
+    _save_random("qwen3", tmp_path / "hf")
+    action = {"type": "actions", "names": ("click",)}
+    with pytest.raises(ValueError, match="'click_head'") as err:
+        hf.load_hf(tmp_path / "hf", heads={"click_head": action})
+    assert str(tmp_path / "hf") in str(err.value) and "no jaxdistill_heads.json" in str(err.value)
+    assert "init_missing_heads=True" in str(err.value)
+    # Weightless heads need nothing stored.
+    cfg, _ = hf.load_hf(tmp_path / "hf", heads={"lm": {"type": "lm"},
+                                                  "yes": {"type": "token_score", "token_ids": (1,)}})
+    assert set(cfg.heads) == {"lm", "yes"}
+
+    cfg, params = hf.load_hf(tmp_path / "hf", heads={"click_head": action}, init_missing_heads=True)
+    out = hf.export_hf(cfg, params, tmp_path / "export")
+    _leaves_equal(params, hf.load_hf(out, heads={"click_head": action})[1])
+    with pytest.raises(ValueError, match="'apply_head'") as err:
+        hf.load_hf(out, heads={"click_head": action, "apply_head": action})
+    assert "holds heads 'click_head'" in str(err.value) and str(out) in str(err.value)
+    # A stored head asked for with another config is refused, even with init_missing_heads.
+    with pytest.raises(ValueError, match="'click_head' is stored as"):
+        hf.load_hf(out, heads={"click_head": {**action, "hidden": 4}}, init_missing_heads=True)
 
 
 def test_bf16_params_and_export(tmp_path):
