@@ -8,7 +8,8 @@ full host copy of a weight per device. Linear weights are transposed (HF stores 
 store [in, out]); per-layer tensors are stacked on the leading `layers` axis.
 
 Export (`export_hf`) writes a directory transformers loads with `AutoModel` /
-`AutoModelForCausalLM`: `config.json` from transformers' own config class, `model.safetensors`
+`AutoModelForCausalLM`: `config.json` (the source checkpoint's, where given, with what our model
+changed rewritten; else the keys our config knows), `model.safetensors`
 with HF names and layouts, the tokenizer files, and our task heads in the side files
 `jaxdistill_heads.json` + `jaxdistill_heads.safetensors` (transformers ignores them; `load_hf`
 reads them back, so import -> export -> import is bit-identical).
@@ -177,33 +178,63 @@ def _backbone_config(hf: dict, family: str, where: str, overrides: dict):
     )
 
 
-def _hf_config_dict(backbone: DecoderConfig | EncoderConfig, dtype: str) -> dict:
-    """transformers' config for our backbone, as the dict that config.json holds."""
-    import transformers
-
+def _hf_known(backbone: DecoderConfig | EncoderConfig) -> dict[str, Any]:
+    """The config.json keys our backbone determines (transformers' names and layouts)."""
     if isinstance(backbone, EncoderConfig):
-        cfg = transformers.BertConfig(
-            vocab_size=backbone.vocab_size, hidden_size=backbone.hidden,
-            num_hidden_layers=backbone.layers, num_attention_heads=backbone.heads,
-            intermediate_size=backbone.mlp, hidden_act="gelu",
-            max_position_embeddings=backbone.max_positions,
-            type_vocab_size=backbone.type_vocab_size, layer_norm_eps=backbone.norm_eps,
-        )
-    else:
-        cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-               "qwen3": transformers.Qwen3Config}[backbone.family]
-        extra = {"attention_bias": False} if backbone.family != "qwen2" else {}
-        cfg = cls(
-            vocab_size=backbone.vocab_size, hidden_size=backbone.hidden,
-            num_hidden_layers=backbone.layers, num_attention_heads=backbone.heads,
-            num_key_value_heads=backbone.kv_heads, head_dim=backbone.head_dim,
-            intermediate_size=backbone.mlp, hidden_act="silu", rms_norm_eps=backbone.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": backbone.rope_theta},
-            tie_word_embeddings=backbone.tie_embeddings, **extra,
-        )
-    cfg.architectures = [_ARCHITECTURES[backbone.family]]
-    cfg.dtype = dtype
-    return cfg.to_dict()
+        return {
+            "model_type": "bert", "vocab_size": backbone.vocab_size,
+            "hidden_size": backbone.hidden, "num_hidden_layers": backbone.layers,
+            "num_attention_heads": backbone.heads, "intermediate_size": backbone.mlp,
+            "hidden_act": "gelu", "max_position_embeddings": backbone.max_positions,
+            "type_vocab_size": backbone.type_vocab_size, "layer_norm_eps": backbone.norm_eps,
+            "position_embedding_type": "absolute",
+        }
+    known = {
+        "model_type": backbone.family, "vocab_size": backbone.vocab_size,
+        "hidden_size": backbone.hidden, "num_hidden_layers": backbone.layers,
+        "num_attention_heads": backbone.heads, "num_key_value_heads": backbone.kv_heads,
+        "head_dim": backbone.head_dim, "intermediate_size": backbone.mlp, "hidden_act": "silu",
+        "rms_norm_eps": backbone.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": backbone.rope_theta},
+        "tie_word_embeddings": backbone.tie_embeddings,
+    }
+    if backbone.family != "qwen2":
+        known["attention_bias"] = False
+    return known
+
+
+def _hf_config_dict(backbone: DecoderConfig | EncoderConfig, dtype: str,
+                    source_dir: str | os.PathLike | None = None) -> dict:
+    """The config.json of an export.
+
+    From `source_dir` (the HF directory the model was imported from): the source's own
+    config.json with only the keys our model changed rewritten (compared as transformers
+    resolves them), so max_position_embeddings, special-token ids, architectures, ... survive.
+    Without it: just the keys our config knows; transformers fills its defaults on load.
+    """
+    known = _hf_known(backbone)
+    if source_dir is None:
+        return {**known, "architectures": [_ARCHITECTURES[backbone.family]], "dtype": dtype}
+    raw, where = _read_config(source_dir)
+    if raw.get("model_type") != known["model_type"]:
+        raise ValueError(f"{where}: source model_type {raw.get('model_type')!r} is not the "
+                         f"exported model's {known['model_type']!r}; pass the directory the "
+                         "model was imported from, or no source_dir")
+    from transformers import AutoConfig
+
+    resolved = AutoConfig.for_model(**raw).to_dict()
+    out = dict(raw)
+    for key, value in known.items():
+        if resolved.get(key) != value:
+            log.info("%s: export changes %s from %r to %r", where, key, resolved.get(key), value)
+            out[key] = value
+            if key == "rope_parameters":  # the legacy spellings would contradict it
+                out.pop("rope_theta", None)
+                out.pop("rope_scaling", None)
+    out["dtype"] = dtype
+    if "torch_dtype" in out:  # transformers 4's spelling
+        out["torch_dtype"] = dtype
+    return out
 
 
 # ----------------------------------------------------------------------------- name map
@@ -663,10 +694,13 @@ def export_hf(
     *,
     tokenizer_dir: str | os.PathLike | None = None,
     dtype: str | None = None,
+    source_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Writes an HF directory transformers loads, plus our heads in side files; returns it.
 
-    Weights keep their dtype unless `dtype` ("float32" / "bfloat16") is given. The directory is
+    Weights keep their dtype unless `dtype` ("float32" / "bfloat16") is given. `source_dir`:
+    the HF directory the model came from; its config.json is kept but for what our model
+    changed (see `_hf_config_dict`) and its generation_config.json is copied. The directory is
     written under a temporary name and renamed into place (an existing one is replaced), so a
     crash never leaves a half-written export. Multi-host: every process must call it (weights
     are gathered); process 0 writes.
@@ -705,7 +739,10 @@ def export_hf(
     tmp.mkdir()
     try:
         with open(tmp / "config.json", "w") as f:
-            json.dump(_hf_config_dict(backbone, stored_dtype), f, indent=2, sort_keys=True)
+            json.dump(_hf_config_dict(backbone, stored_dtype, source_dir), f, indent=2,
+                      sort_keys=True)
+        if source_dir is not None and (Path(source_dir) / "generation_config.json").is_file():
+            shutil.copy2(Path(source_dir) / "generation_config.json", tmp)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
             for path in tokenizer_files:

@@ -276,6 +276,49 @@ def test_untied_llama_export_loads_in_transformers(tmp_path):
     _assert_close_at_real(logits, torch_logits)
 
 
+def test_export_keeps_the_source_config(tmp_path):
+    _save_random("llama", tmp_path / "hf", max_position_embeddings=8192, pad_token_id=2,
+                 bos_token_id=0, eos_token_id=[1, 3], tie_word_embeddings=False)
+    generation = transformers.GenerationConfig(bos_token_id=0, eos_token_id=[1, 3], pad_token_id=2,
+                                               temperature=0.6, do_sample=True, top_p=0.9)
+    generation.save_pretrained(tmp_path / "hf")
+    source_raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    source = transformers.AutoConfig.from_pretrained(tmp_path / "hf").to_dict()
+    cfg, params = hf.load_hf(tmp_path / "hf", dtype="float32")
+    for dtype in (None, "bfloat16"):
+        out = hf.export_hf(cfg, params, tmp_path / "export", source_dir=tmp_path / "hf",
+                           dtype=dtype)
+        exported = transformers.AutoConfig.from_pretrained(out).to_dict()
+        skip = {"transformers_version", "_name_or_path"} | ({"dtype"} if dtype else set())
+        differ = {k: (source[k], exported.get(k)) for k in source_raw
+                  if k not in skip and exported.get(k) != source[k]}
+        assert not differ
+        assert exported["dtype"] == (dtype or "float32")
+        assert exported["max_position_embeddings"] == 8192 and exported["pad_token_id"] == 2
+        assert (transformers.GenerationConfig.from_pretrained(out).to_dict()
+                == transformers.GenerationConfig.from_pretrained(tmp_path / "hf").to_dict())
+    # A model that changed (another vocabulary): only that key is rewritten.
+    changed = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"vocab_size": 96})})
+    params96 = jax.tree.map(lambda x: x, params)
+    for key in ("embed", "lm_head"):
+        leaf = params96["backbone"][key]
+        name = "embedding" if key == "embed" else "kernel"
+        leaf[name] = leaf[name][:96] if key == "embed" else leaf[name][:, :96]
+    out = hf.export_hf(changed, params96, tmp_path / "changed", source_dir=tmp_path / "hf")
+    raw = json.loads((out / "config.json").read_text())
+    assert raw == {**source_raw, "vocab_size": 96, "dtype": "float32"}
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 96
+
+    # Without the source: the keys our config knows, none invented.
+    raw = json.loads((hf.export_hf(cfg, params, tmp_path / "plain") / "config.json").read_text())
+    assert "max_position_embeddings" not in raw and "pad_token_id" not in raw
+    assert raw["architectures"] == ["LlamaForCausalLM"] and raw["hidden_size"] == 32
+    qwen = tmp_path / "qwen"
+    _save_random("qwen3", qwen)
+    with pytest.raises(ValueError, match="model_type 'qwen3'"):
+        hf.export_hf(cfg, params, tmp_path / "wrong", source_dir=qwen)
+
+
 def test_fresh_heads_are_seeded_by_name(tmp_path):
     _save_random("qwen3", tmp_path)
     action = {"type": "actions", "names": ("click",)}
