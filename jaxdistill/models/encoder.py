@@ -30,6 +30,9 @@ class EncoderConfig(BaseModel):
     type_vocab_size: int = 2
     norm_eps: float = 1e-12
     pooling: Literal["cls", "mean"] = "cls"
+    # BERT's pre-training pooler (tanh dense over [CLS]), carried so an export keeps the
+    # checkpoint's; heads read `pooling`, never it.
+    pooler: bool = False
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: RematPolicy = "full"
@@ -94,6 +97,11 @@ class Encoder(nnx.Module):
         )
         self.embed_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         self.layers = Stack(lambda r: EncoderLayer(cfg, r), cfg.layers, rngs)
+        self.pooler = (
+            Linear(cfg.hidden, cfg.hidden, ("embed", None), use_bias=True, dtype=dt,
+                   param_dtype=pdt, rngs=rngs)
+            if cfg.pooler else None
+        )
 
     @property
     def hidden_size(self) -> int:

@@ -60,13 +60,14 @@ _ARCHITECTURES = {
     "bert": "BertModel",
 }
 # Checkpoint tensors that carry nothing our backbones use (canonical-name patterns, and how
-# messages describe them). BERT's pooler and MLM/NSP heads are pre-training heads; our task
-# heads replace them. A tied decoder's stored lm_head.weight is ignored as transformers does.
+# messages describe them). BERT's MLM/NSP heads are pre-training heads our task heads replace;
+# its pooler is kept when the checkpoint has one (EncoderConfig.pooler), else ignored. A tied decoder's stored lm_head.weight is ignored as transformers does.
 _IGNORED = {
     "decoder": ((r".*rotary_emb\.inv_freq", "rotary_emb.inv_freq buffers"),),
     "encoder": ((r"pooler\..*", "pooler.*"), (r"cls\..*", "cls.* pre-training heads"),
                 (r"embeddings\.position_ids", "embeddings.position_ids")),
 }
+_POOLER = "pooler.dense.weight"
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
@@ -124,9 +125,14 @@ def config_from_hf(
     The dict goes through transformers' own config class first, so defaults and legacy keys
     resolve exactly as transformers resolves them when it builds the model. `overrides` set
     our numerics and options (dtype, param_dtype, remat, attention_impl, pooling for encoders).
+    A BERT directory's `pooler` says whether its safetensors hold the pooler's weights.
     """
     raw, where = _read_config(source)
     family = detect_family(raw)
+    if family == "bert" and "pooler" not in overrides and not isinstance(source, Mapping):
+        has_weights = any(p.name != HEADS_WEIGHTS for p in Path(source).glob("*.safetensors"))
+        overrides["pooler"] = has_weights and _POOLER in _Checkpoint(
+            Path(source), family, allow_pickle=False).names
     from transformers import AutoConfig
 
     hf = AutoConfig.for_model(**raw).to_dict()
@@ -262,6 +268,9 @@ def _weight_map(backbone: DecoderConfig | EncoderConfig) -> list[_Tensor]:
             _Tensor(("embed_norm", "scale"), "embeddings.LayerNorm.weight"),
             _Tensor(("embed_norm", "bias"), "embeddings.LayerNorm.bias"),
         ]
+        if backbone.pooler:
+            top += [_Tensor(("pooler", "kernel"), _POOLER, linear=True),
+                    _Tensor(("pooler", "bias"), "pooler.dense.bias")]
         linears = {"q_proj": "attention.self.query", "k_proj": "attention.self.key",
                    "v_proj": "attention.self.value", "o_proj": "attention.output.dense",
                    "up_proj": "intermediate.dense", "down_proj": "output.dense"}
@@ -578,6 +587,9 @@ def load_hf(
     """
     hf_dir = Path(hf_dir)
     family = detect_family(hf_dir)
+    ckpt = _Checkpoint(hf_dir, family, allow_pickle)
+    if family == "bert":
+        overrides.setdefault("pooler", _POOLER in ckpt.names)
     side = _read_side_heads(hf_dir)
     side_heads = side[0]["heads"] if side else {}
     if side and "pooling" in side[0]["backbone"] and family == "bert":
@@ -594,7 +606,6 @@ def load_hf(
     else:
         shardings = f.shardings(mesh, rules)
 
-    ckpt = _Checkpoint(hf_dir, family, allow_pickle)
     tensors = _weight_map(backbone)
     _check_tensors(ckpt, tensors, f.shapes["backbone"], backbone, family)
     params: Params = {}

@@ -264,6 +264,31 @@ def test_bert_export_loads_in_transformers(tmp_path):
     _assert_close_at_real(_our_outputs(cfg, params)[0], _torch_outputs(out, "bert")[0])
 
 
+@pytest.mark.parametrize("pooler", [True, False])
+def test_bert_pooler_is_kept(tmp_path, pooler):
+    torch.manual_seed(0)
+    source = transformers.BertModel(_hf_config("bert"), add_pooling_layer=pooler)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    source.save_pretrained(tmp_path / "hf")
+    cfg, params = hf.load_hf(tmp_path / "hf", dtype="float32")
+    assert cfg.backbone.pooler is pooler and hf.config_from_hf(tmp_path / "hf").pooler is pooler
+    assert ("pooler" in params["backbone"]) is pooler
+    out = hf.export_hf(cfg, params, tmp_path / "export")
+    exported, info = transformers.BertModel.from_pretrained(
+        out, add_pooling_layer=pooler, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    if not pooler:
+        return
+    ids, mask = _batch()
+    inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+    with torch.no_grad():
+        theirs, ours = source.eval()(**inputs).pooler_output, exported.eval()(**inputs).pooler_output
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    _leaves_equal(params, hf.load_hf(out, dtype="float32")[1])
+
+
 def test_untied_llama_export_loads_in_transformers(tmp_path):
     _save_random("llama", tmp_path / "hf", tie_word_embeddings=False)
     cfg, params = hf.load_hf(tmp_path / "hf", dtype="float32")
