@@ -78,6 +78,20 @@ _TOKENIZER_FILES = (
 # ----------------------------------------------------------------------------- configs
 
 
+def _read_json(path: Path, kind: type = dict):
+    """A JSON file's content; a corrupt, truncated or mistyped file is a ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); the file is corrupt or truncated"
+                         ) from None
+    if not isinstance(content, kind):
+        raise ValueError(f"{path}: expected a JSON {'object' if kind is dict else 'array'}, "
+                         f"found {type(content).__name__}")
+    return content
+
+
 def _read_config(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict, str]:
     """The raw config dict and a name for messages (the file path, or '<dict>')."""
     if isinstance(source, Mapping):
@@ -85,8 +99,7 @@ def _read_config(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict, s
     path = Path(source) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected an HF model directory")
-    with open(path) as f:
-        return json.load(f), os.fspath(path)
+    return _read_json(path), os.fspath(path)
 
 
 def detect_family(hf_dir: str | os.PathLike | Mapping[str, Any]) -> str:
@@ -125,10 +138,16 @@ def config_from_hf(
     The dict goes through transformers' own config class first, so defaults and legacy keys
     resolve exactly as transformers resolves them when it builds the model. `overrides` set
     our numerics and options (dtype, param_dtype, remat, attention_impl, pooling for encoders).
-    A BERT directory's `pooler` says whether its safetensors hold the pooler's weights.
+    A BERT directory's `pooler` says whether its safetensors hold the pooler's weights; its
+    `pooling` comes from a sentence-transformers `modules.json` + pooling config when present.
     """
     raw, where = _read_config(source)
     family = detect_family(raw)
+    explicit = family == "bert" and "pooling" in overrides  # an explicit pooling wins
+    if not isinstance(source, Mapping) and not explicit:
+        pooling = _sentence_transformers_pooling(Path(source), family)
+        if family == "bert" and pooling is not None:
+            overrides["pooling"] = pooling
     if family == "bert" and "pooler" not in overrides and not isinstance(source, Mapping):
         has_weights = any(p.name != HEADS_WEIGHTS for p in Path(source).glob("*.safetensors"))
         overrides["pooler"] = has_weights and _POOLER in _Checkpoint(
@@ -140,6 +159,44 @@ def config_from_hf(
         return _backbone_config(hf, family, where, overrides)
     except pydantic.ValidationError as err:
         raise ValueError(f"{where}: does not give a valid {family} backbone: {err}") from None
+
+
+# sentence-transformers Pooling modes -> ours (encoders: EncoderConfig.pooling; decoders always
+# pool the last real token).
+_ST_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+               "pooling_mode_lasttoken": "last_token"}
+
+
+def _sentence_transformers_pooling(hf_dir: Path, family: str) -> str | None:
+    """The pooling a sentence-transformers directory declares (None: not such a directory)."""
+    modules_file = hf_dir / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = _read_json(modules_file, list)
+    pooling_dirs = [m.get("path", "") for m in modules if isinstance(m, Mapping)
+                    and str(m.get("type", "")).endswith("models.Pooling")]
+    if not pooling_dirs:
+        return None
+    path = hf_dir / pooling_dirs[0] / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{modules_file}: lists a Pooling module at {pooling_dirs[0]!r}, but "
+                         f"{path} does not exist")
+    pooling = _read_json(path)
+    modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode") and v is True)
+    if isinstance(pooling.get("pooling_mode"), str):  # a single-string spelling
+        modes = [f"pooling_mode_{pooling['pooling_mode']}"]
+    mode = _ST_POOLING.get(modes[0]) if len(modes) == 1 else None
+    supported = ("last_token",) if family != "bert" else ("cls", "mean")
+    if mode not in supported:
+        raise ValueError(
+            f"{path}: pooling modes {modes or 'none'} are not supported for a {family} "
+            f"backbone; supported: exactly one of "
+            f"{', '.join(k for k, v in _ST_POOLING.items() if v in supported)}"
+        )
+    if pooling.get("include_prompt", True) is not True:
+        raise ValueError(f"{path}: include_prompt=false (pooling that skips the prompt tokens) "
+                         "is not supported")
+    return mode
 
 
 def _backbone_config(hf: dict, family: str, where: str, overrides: dict):

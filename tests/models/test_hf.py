@@ -289,6 +289,46 @@ def test_bert_pooler_is_kept(tmp_path, pooler):
     _leaves_equal(params, hf.load_hf(out, dtype="float32")[1])
 
 
+def _sentence_transformers_dir(path, **modes):
+    """A tiny BERT saved as sentence-transformers lays out MiniLM (Transformer, Pooling, Normalize)."""
+    _save_random("bert", path)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize"}]
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": 32, "pooling_mode_cls_token": False,
+               "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True, **modes}
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+
+
+def test_sentence_transformers_pooling(tmp_path):
+    _sentence_transformers_dir(tmp_path / "mean", pooling_mode_mean_tokens=True)
+    cfg, params = hf.load_hf(tmp_path / "mean", dtype="float32")
+    assert cfg.backbone.pooling == "mean" and hf.config_from_hf(tmp_path / "mean").pooling == "mean"
+    ids, mask = _batch()
+    pooled = functional(cfg).apply(params, {"input_ids": ids, "attention_mask": mask})["pooled"]
+    with torch.no_grad():  # sentence-transformers' mean pooling over transformers' states
+        hidden = transformers.BertModel.from_pretrained(tmp_path / "mean")(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask)).last_hidden_state
+    weights = torch.tensor(mask, dtype=torch.float32)[..., None]
+    expected = ((hidden * weights).sum(1) / weights.sum(1)).numpy()
+    np.testing.assert_allclose(pooled, expected, rtol=1e-4, atol=1e-5)
+    assert hf.load_hf(tmp_path / "mean", pooling="cls")[0].backbone.pooling == "cls"  # override
+
+    _sentence_transformers_dir(tmp_path / "cls", pooling_mode_cls_token=True)
+    assert hf.config_from_hf(tmp_path / "cls").pooling == "cls"
+    _sentence_transformers_dir(tmp_path / "max", pooling_mode_max_tokens=True)
+    with pytest.raises(ValueError, match="pooling_mode_max_tokens") as err:
+        hf.load_hf(tmp_path / "max")
+    assert str(tmp_path / "max" / "1_Pooling" / "config.json") in str(err.value)
+    assert hf.load_hf(tmp_path / "max", pooling="mean")[0].backbone.pooling == "mean"
+
+
 def test_untied_llama_export_loads_in_transformers(tmp_path):
     _save_random("llama", tmp_path / "hf", tie_word_embeddings=False)
     cfg, params = hf.load_hf(tmp_path / "hf", dtype="float32")
