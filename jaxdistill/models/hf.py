@@ -25,6 +25,7 @@ import glob
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import uuid
@@ -40,7 +41,7 @@ import numpy as np
 import pydantic
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxdistill import parallel
@@ -380,13 +381,28 @@ def _export_name(name: str, family: str) -> str:
 # ----------------------------------------------------------------------------- checkpoint files
 
 
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(path, framework="numpy")
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); the file is corrupt "
+                         "or truncated (an interrupted download or copy?)") from None
+
+
+def _weight_map_of(index: Path) -> dict[str, str]:
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: expected a 'weight_map' object (tensor name -> file), found "
+                         f"{weight_map!r}")
+    return weight_map
+
+
 def _pickle_files(hf_dir: Path) -> list[str]:
     """Pickled weight files: those a `pytorch_model.bin.index.json` lists, else all but
     `training_args.bin` (a pickle of the trainer's arguments, not weights)."""
     index = hf_dir / "pytorch_model.bin.index.json"
     if index.is_file():
-        with open(index) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
+        return sorted(set(_weight_map_of(index).values()))
     return sorted(p.name for p in hf_dir.iterdir()
                   if p.suffix in _PICKLE_SUFFIXES and p.name != "training_args.bin")
 
@@ -431,7 +447,11 @@ class _Checkpoint:
 
         self._arrays = {}
         for file in pickles:
-            state = torch.load(hf_dir / file, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(hf_dir / file, map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+                raise ValueError(f"{hf_dir / file}: not a readable PyTorch weights file "
+                                 f"({err}); the file is corrupt or truncated") from None
             for name, tensor in state.items():
                 self._add(_canonical(name, family), file, name)
                 self._arrays[name] = _torch_to_numpy(tensor)
@@ -439,8 +459,7 @@ class _Checkpoint:
     def _safetensors_files(self) -> dict[str, list[str]]:
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _weight_map_of(index)
             files: dict[str, list[str]] = {}
             for name, file in weight_map.items():
                 files.setdefault(file, []).append(name)
@@ -461,7 +480,7 @@ class _Checkpoint:
 
     def _handle(self, file: str):
         if file not in self._handles:
-            self._handles[file] = safe_open(self.dir / file, framework="numpy")
+            self._handles[file] = _open_safetensors(self.dir / file)
         return self._handles[file]
 
     def stored_name(self, name: str) -> str:
@@ -603,11 +622,10 @@ def _init_head(cfg: ModelConfig, name: str, seed: int, sharding) -> Params:
 def _read_side_heads(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
     if not (hf_dir / HEADS_JSON).is_file():
         return None
-    with open(hf_dir / HEADS_JSON) as f:
-        meta = json.load(f)
+    meta = _read_json(hf_dir / HEADS_JSON)
     weights = {}
     if (hf_dir / HEADS_WEIGHTS).is_file():
-        with safe_open(hf_dir / HEADS_WEIGHTS, framework="numpy") as f:
+        with _open_safetensors(hf_dir / HEADS_WEIGHTS) as f:
             weights = {k: f.get_tensor(k) for k in f.keys()}
     return meta, weights
 
@@ -864,10 +882,25 @@ def inspect_hf(hf_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_hf_tokenizer(hf_dir: str | os.PathLike):
-    """The tokenizer of a local HF directory (AutoTokenizer, local files only; see data.tokenizer)."""
+    """The tokenizer of a local HF directory (AutoTokenizer, local files only; see data.tokenizer).
+
+    A corrupt file is a ValueError naming it: JSON files are checked first, and a failure of
+    the tokenizer library names the directory's tokenizer files and its message.
+    """
     from jaxdistill.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(hf_dir)
+    hf_dir = Path(hf_dir)
+    present = [n for n in _TOKENIZER_FILES if (hf_dir / n).is_file()]
+    for name in present:
+        if name.endswith(".json"):
+            _read_json(hf_dir / name)
+    try:
+        return load_tokenizer(hf_dir)
+    except Exception as err:  # the tokenizers library raises bare Exceptions
+        if isinstance(err, FileNotFoundError) and not present:
+            raise
+        raise ValueError(f"{hf_dir}: could not read the tokenizer from {', '.join(present)} "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def apply_chat_template(tokenizer, messages: list[dict[str, str]], **kwargs) -> str:

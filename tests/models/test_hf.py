@@ -478,6 +478,40 @@ def test_config_errors(tmp_path):
         hf.config_from_hf({**_hf_config("bert").to_dict(), "hidden_act": "relu"})
 
 
+def test_corrupt_files_are_named(tmp_path):
+    _save_random("qwen3", tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    data = weights.read_bytes()
+    for size in (5, len(data) - 100):  # header cut / data cut
+        bad = tmp_path / f"cut{size}"
+        shutil.copytree(tmp_path / "hf", bad)
+        (bad / "model.safetensors").write_bytes(data[:size])
+        with pytest.raises(ValueError, match="corrupt or truncated") as err:
+            hf.load_hf(bad)
+        assert str(bad / "model.safetensors") in str(err.value)
+
+    garbage = tmp_path / "garbage"
+    shutil.copytree(tmp_path / "hf", garbage)
+    (garbage / "config.json").write_bytes(b"\x00\x01 not json")
+    for call in (hf.load_hf, hf.config_from_hf, hf.detect_family):
+        with pytest.raises(ValueError, match="not valid JSON") as err:
+            call(garbage)
+        assert str(garbage / "config.json") in str(err.value)
+    (garbage / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object, found list"):
+        hf.config_from_hf(garbage)
+
+    build_tokenizer(["job search query document relevance"] * 4, 60, tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    with pytest.raises(ValueError, match="not valid JSON") as err:
+        hf.load_hf_tokenizer(tmp_path / "tok")
+    assert str(tmp_path / "tok" / "tokenizer.json") in str(err.value)
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"version": "1.0"}')  # JSON, no tokenizer
+    with pytest.raises(ValueError, match="could not read the tokenizer from tokenizer.json") as err:
+        hf.load_hf_tokenizer(tmp_path / "tok")
+    assert str(tmp_path / "tok") in str(err.value)
+
+
 def test_inspect(tmp_path):
     model = _save_random("qwen3", tmp_path)
     info = hf.inspect_hf(tmp_path)
