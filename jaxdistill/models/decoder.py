@@ -7,7 +7,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jaxdistill.models.layers import (
     Embed,
@@ -20,6 +20,35 @@ from jaxdistill.models.layers import (
     rope_frequencies,
 )
 from jaxdistill.parallel import constrain
+
+
+class RopeScaling(BaseModel):
+    """RoPE frequency scaling as transformers defines it: `linear` divides every frequency by
+    `factor`; `llama3` (Llama 3.1+) slows only the long wavelengths, smoothly between
+    original_max_positions / low_freq_factor and / high_freq_factor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["linear", "llama3"]
+    factor: float = Field(gt=0)
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_positions: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        llama3 = (self.low_freq_factor, self.high_freq_factor, self.original_max_positions)
+        if self.type == "llama3":
+            if None in llama3:
+                raise ValueError("llama3 RoPE scaling needs low_freq_factor, high_freq_factor "
+                                 "and original_max_positions")
+            if not 0 < self.low_freq_factor < self.high_freq_factor:
+                raise ValueError(f"llama3 RoPE scaling needs 0 < low_freq_factor "
+                                 f"({self.low_freq_factor}) < high_freq_factor "
+                                 f"({self.high_freq_factor})")
+        elif any(v is not None for v in llama3):
+            raise ValueError("linear RoPE scaling takes only a factor")
+        return self
 
 
 class DecoderConfig(BaseModel):
@@ -37,6 +66,7 @@ class DecoderConfig(BaseModel):
     head_dim: int
     mlp: int
     rope_theta: float = 1_000_000.0
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
     norm_eps: float = 1e-6
     qk_norm: bool = True
     attention_bias: bool = False
@@ -102,7 +132,7 @@ class DecoderLayer(nnx.Module):
         v_BxTxKxH = self.v_proj(h_BxTxD).reshape(b, t, cfg.kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
-        inv_freq_H2 = rope_frequencies(cfg.head_dim, cfg.rope_theta)
+        inv_freq_H2 = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, inv_freq_H2)
         k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, inv_freq_H2)
         attended_BxTxNxH = attention(

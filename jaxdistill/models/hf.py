@@ -45,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxdistill import parallel
-from jaxdistill.models.decoder import DecoderConfig
+from jaxdistill.models.decoder import DecoderConfig, RopeScaling
 from jaxdistill.models.encoder import EncoderConfig
 from jaxdistill.models.heads import ActionHead, TokenScoreHead, build_head
 from jaxdistill.models.model import ModelConfig, Params, count_params, functional
@@ -115,20 +115,53 @@ def detect_family(hf_dir: str | os.PathLike | Mapping[str, Any]) -> str:
     return model_type
 
 
-def _rope_theta(hf: dict, where: str) -> float:
-    """RoPE base from transformers 5 `rope_parameters` or the older `rope_theta`/`rope_scaling`."""
+def _rope(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling from transformers 5 `rope_parameters` (or the older
+    `rope_theta` / `rope_scaling`); a type we do not implement is refused by name."""
     params = hf.get("rope_parameters") or {}
     if params and all(isinstance(v, Mapping) for v in params.values()):
         raise ValueError(f"{where}: per-layer-type rope_parameters {params} are not supported")
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") \
-        or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ValueError(
-            f"{where}: RoPE scaling type {rope_type!r} is not supported (supported: 'default', "
-            "plain RoPE); loading it as plain RoPE would silently change the model"
-        )
-    return float(params.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
+    return _rope_of(params, hf, where)
+
+
+def _rope_of(params: Mapping, hf: dict, where: str) -> tuple[float, RopeScaling | None]:
+    scaling = {**(hf.get("rope_scaling") or {}), **params}
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    theta = float(scaling.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
+    if (scaling.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor {scaling['partial_rotary_factor']} is "
+                         "not supported (RoPE over the whole head only)")
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "linear":
+        return theta, RopeScaling(type="linear", factor=scaling["factor"])
+    if rope_type == "llama3":
+        original = scaling.get("original_max_position_embeddings") \
+            or hf.get("max_position_embeddings")
+        try:
+            return theta, RopeScaling(
+                type="llama3", factor=scaling.get("factor"),
+                low_freq_factor=scaling.get("low_freq_factor"),
+                high_freq_factor=scaling.get("high_freq_factor"), original_max_positions=original)
+        except pydantic.ValidationError as err:
+            raise ValueError(f"{where}: invalid llama3 RoPE scaling {dict(scaling)}: {err}"
+                             ) from None
+    raise ValueError(
+        f"{where}: RoPE scaling type {rope_type!r} is not supported (supported: 'default', "
+        "'linear', 'llama3'); loading it as plain RoPE would silently change the model"
+    )
+
+
+def _hf_rope(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:
+    """One transformers `rope_parameters` entry."""
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    if scaling.type == "linear":
+        return {"rope_type": "linear", "rope_theta": theta, "factor": scaling.factor}
+    return {"rope_type": "llama3", "rope_theta": theta, "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_positions}
 
 
 def config_from_hf(
@@ -231,12 +264,13 @@ def _backbone_config(hf: dict, family: str, where: str, overrides: dict):
     else:
         attention_bias = False
     heads = hf["num_attention_heads"]
+    rope_theta, rope_scaling = _rope(hf, where)
     return DecoderConfig(
         family=family, vocab_size=hf["vocab_size"], hidden=hf["hidden_size"],
         layers=hf["num_hidden_layers"], heads=heads,
         kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp=hf["intermediate_size"],
-        rope_theta=_rope_theta(hf, where), norm_eps=hf["rms_norm_eps"],
+        rope_theta=rope_theta, rope_scaling=rope_scaling, norm_eps=hf["rms_norm_eps"],
         qk_norm=family == "qwen3", attention_bias=attention_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings")), **overrides,
     )
@@ -259,7 +293,7 @@ def _hf_known(backbone: DecoderConfig | EncoderConfig) -> dict[str, Any]:
         "num_attention_heads": backbone.heads, "num_key_value_heads": backbone.kv_heads,
         "head_dim": backbone.head_dim, "intermediate_size": backbone.mlp, "hidden_act": "silu",
         "rms_norm_eps": backbone.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": backbone.rope_theta},
+        "rope_parameters": _hf_rope(backbone.rope_theta, backbone.rope_scaling),
         "tie_word_embeddings": backbone.tie_embeddings,
     }
     if backbone.family != "qwen2":
@@ -860,7 +894,8 @@ def inspect_hf(hf_dir: str | os.PathLike) -> dict[str, Any]:
     backbone = config_from_hf(hf_dir)
     shapes = functional(ModelConfig(backbone=backbone)).shapes
     dims = backbone.model_dump(include={"vocab_size", "hidden", "layers", "heads", "kv_heads",
-                                        "head_dim", "mlp", "rope_theta", "tie_embeddings",
+                                        "head_dim", "mlp", "rope_theta", "rope_scaling",
+                                        "tie_embeddings",
                                         "max_positions"})
     if isinstance(backbone, EncoderConfig):
         dims["head_dim"] = backbone.head_dim

@@ -163,6 +163,56 @@ def test_left_padding_matches_right_padding_and_transformers(tmp_path):
                           what="llama left-padded logits")
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+        rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = hf.load_hf(tmp_path / "hf", dtype="float32")
+    assert cfg.backbone.rope_scaling.model_dump() == {
+        "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_positions": 16}
+    ids, mask = _batch()
+    positions = np.broadcast_to(np.arange(40, 40 + T), ids.shape)  # past the original 16
+    backbone = functional(cfg).bind(params).backbone
+
+    def ours(backbone):
+        hidden = backbone(jax.numpy.asarray(ids), jax.numpy.asarray(mask),
+                          positions_BxT=jax.numpy.asarray(positions))
+        return np.asarray(hidden), np.asarray(hidden @ backbone.unembedding())
+
+    hidden, logits = ours(backbone)
+    with torch.no_grad():
+        out = model.eval()(input_ids=torch.tensor(ids, dtype=torch.long),
+                           attention_mask=torch.tensor(mask),
+                           position_ids=torch.tensor(positions), output_hidden_states=True)
+    _assert_close_at_real(hidden, out.hidden_states[-1].numpy(), what="llama3 rope hidden")
+    _assert_close_at_real(logits, out.logits.numpy(), what="llama3 rope logits")
+    # The scaling matters here: plain RoPE is far off.
+    plain = cfg.backbone.model_copy(update={"rope_scaling": None})
+    plain_hidden, _ = ours(functional(cfg.model_copy(update={"backbone": plain})).bind(params)
+                           .backbone)
+    assert np.max(np.abs(plain_hidden - hidden)[mask.astype(bool)]) > 0.1
+
+    out_dir = hf.export_hf(cfg, params, tmp_path / "export")
+    exported = transformers.AutoConfig.from_pretrained(out_dir).rope_parameters
+    assert exported == LLAMA3_ROPE
+    assert hf.load_hf(out_dir, dtype="float32")[0] == cfg
+    legacy = {**config.to_dict(), "rope_scaling": dict(LLAMA3_ROPE), "rope_parameters": None}
+    assert hf.config_from_hf(legacy).rope_scaling == cfg.backbone.rope_scaling
+
+
 def test_sharded_index_and_mesh_loading(tmp_path):
     _save_random("qwen3", tmp_path / "one", tie_word_embeddings=False)
     _save_random("qwen3", tmp_path / "sharded", tie_word_embeddings=False, max_shard_size="8KB")
@@ -465,12 +515,11 @@ def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="gpt2") as err:
         hf.detect_family(tmp_path)
     assert "config.json" in str(err.value) and "qwen3" in str(err.value)
-    llama3 = _hf_config("llama").to_dict()
-    llama3["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                 "original_max_position_embeddings": 1024}
-    with pytest.raises(ValueError, match="llama3"):
-        hf.config_from_hf(llama3)
+    yarn = _hf_config("llama").to_dict()
+    yarn["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0,
+                               "original_max_position_embeddings": 1024}
+    with pytest.raises(ValueError, match="'yarn' is not supported"):
+        hf.config_from_hf(yarn)
     legacy = {"model_type": "qwen2", "hidden_size": 32, "num_attention_heads": 4,
               "num_key_value_heads": 2, "rope_theta": 1e6, "vocab_size": 50}  # transformers 4 layout
     assert hf.config_from_hf(legacy).rope_theta == 1e6
