@@ -52,13 +52,15 @@ from jaxdistill.models.model import ModelConfig, Params, count_params, functiona
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "bert")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "gemma3", "bert")
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text",
+                "bert": "bert"}  # family -> config.json model_type
 HEADS_JSON = "jaxdistill_heads.json"
 HEADS_WEIGHTS = "jaxdistill_heads.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-    "bert": "BertModel",
+    "gemma3": "Gemma3ForCausalLM", "bert": "BertModel",
 }
 # Checkpoint tensors that carry nothing our backbones use (canonical-name patterns, and how
 # messages describe them). BERT's MLM/NSP heads are pre-training heads our task heads replace;
@@ -104,15 +106,19 @@ def _read_config(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict, s
 
 
 def detect_family(hf_dir: str | os.PathLike | Mapping[str, Any]) -> str:
-    """`llama`, `qwen2`, `qwen3` or `bert` from config.json's `model_type` (MiniLM is `bert`)."""
+    """Our family (one of SUPPORTED_FAMILIES) from config.json's `model_type` (MiniLM is `bert`,
+    Gemma 3 text is `gemma3_text`)."""
     raw, where = _read_config(hf_dir)
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_FAMILIES:
+    families = {t: f for f, t in _MODEL_TYPES.items()}
+    if model_type not in families:
+        hint = (" (the multimodal Gemma 3; its text-only checkpoints are 'gemma3_text')"
+                if model_type == "gemma3" else "")
         raise ValueError(
-            f"{where}: model_type {model_type!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_FAMILIES)}"
+            f"{where}: model_type {model_type!r} is not supported{hint}; supported: "
+            f"{', '.join(families)}"
         )
-    return model_type
+    return families[model_type]
 
 
 def _rope(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
@@ -247,6 +253,8 @@ def _backbone_config(hf: dict, family: str, where: str, overrides: dict):
             max_positions=hf["max_position_embeddings"], type_vocab_size=hf["type_vocab_size"],
             norm_eps=hf["layer_norm_eps"], **overrides,
         )
+    if family == "gemma3":
+        return _gemma3_config(hf, where, overrides)
     if hf.get("hidden_act") != "silu":
         raise ValueError(f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported ('silu')")
     if hf.get("mlp_bias"):
@@ -276,6 +284,46 @@ def _backbone_config(hf: dict, family: str, where: str, overrides: dict):
     )
 
 
+def _gemma3_config(hf: dict, where: str, overrides: dict) -> DecoderConfig:
+    if hf.get("hidden_activation") not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise ValueError(f"{where}: hidden_activation {hf.get('hidden_activation')!r} is not "
+                         "supported ('gelu_pytorch_tanh')")
+    if hf.get("attention_bias"):
+        raise ValueError(f"{where}: attention_bias=true is not supported for gemma3")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{where}: use_bidirectional_attention=true is not supported (causal "
+                         "attention only)")
+    if hf.get("attn_logit_softcapping") is not None:
+        # transformers' Gemma 3 stores it but never applies it; so does our import.
+        log.warning("%s: attn_logit_softcapping=%s is ignored, as transformers' Gemma 3 ignores "
+                    "it", where, hf["attn_logit_softcapping"])
+    layer_types = tuple(hf["layer_types"])
+    rope = hf.get("rope_parameters") or {}
+    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+    if unknown or set(rope) != set(layer_types):
+        raise ValueError(f"{where}: layer_types {sorted(set(layer_types))} with rope_parameters "
+                         f"for {sorted(rope)}; expected full_attention / sliding_attention")
+    rope_theta, rope_scaling = _rope_of(rope.get("full_attention", {}), {}, where)
+    rope_local_theta = None
+    if "sliding_attention" in rope:
+        rope_local_theta, local_scaling = _rope_of(rope["sliding_attention"], {}, where)
+        if local_scaling is not None:
+            raise ValueError(f"{where}: RoPE scaling on the sliding-window layers "
+                             f"({rope['sliding_attention']}) is not supported")
+    heads = hf["num_attention_heads"]
+    return DecoderConfig(
+        family="gemma3", vocab_size=hf["vocab_size"], hidden=hf["hidden_size"],
+        layers=hf["num_hidden_layers"], heads=heads, kv_heads=hf["num_key_value_heads"],
+        head_dim=hf["head_dim"], mlp=hf["intermediate_size"], rope_theta=rope_theta,
+        rope_scaling=rope_scaling, norm_eps=hf["rms_norm_eps"], qk_norm=True,
+        attention_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings")),
+        layer_types=layer_types,
+        sliding_window=hf["sliding_window"] if "sliding_attention" in layer_types else None,
+        rope_local_theta=rope_local_theta, query_pre_attn_scalar=hf["query_pre_attn_scalar"],
+        final_softcap=hf.get("final_logit_softcapping"), **overrides,
+    )
+
+
 def _hf_known(backbone: DecoderConfig | EncoderConfig) -> dict[str, Any]:
     """The config.json keys our backbone determines (transformers' names and layouts)."""
     if isinstance(backbone, EncoderConfig):
@@ -287,6 +335,24 @@ def _hf_known(backbone: DecoderConfig | EncoderConfig) -> dict[str, Any]:
             "type_vocab_size": backbone.type_vocab_size, "layer_norm_eps": backbone.norm_eps,
             "position_embedding_type": "absolute",
         }
+    if backbone.gemma:
+        rope = {"full_attention": _hf_rope(backbone.rope_theta, backbone.rope_scaling)}
+        if "sliding_attention" in backbone.layer_types:
+            rope["sliding_attention"] = _hf_rope(backbone.rope_local_theta, None)
+        known = {
+            "model_type": "gemma3_text", "vocab_size": backbone.vocab_size,
+            "hidden_size": backbone.hidden, "num_hidden_layers": backbone.layers,
+            "num_attention_heads": backbone.heads, "num_key_value_heads": backbone.kv_heads,
+            "head_dim": backbone.head_dim, "intermediate_size": backbone.mlp,
+            "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": backbone.norm_eps,
+            "rope_parameters": rope, "layer_types": list(backbone.layer_types),
+            "query_pre_attn_scalar": backbone.query_pre_attn_scalar,
+            "final_logit_softcapping": backbone.final_softcap,
+            "tie_word_embeddings": backbone.tie_embeddings, "attention_bias": False,
+        }
+        if backbone.sliding_window is not None:
+            known["sliding_window"] = backbone.sliding_window
+        return known
     known = {
         "model_type": backbone.family, "vocab_size": backbone.vocab_size,
         "hidden_size": backbone.hidden, "num_hidden_layers": backbone.layers,
@@ -385,6 +451,11 @@ def _weight_map(backbone: DecoderConfig | EncoderConfig) -> list[_Tensor]:
                "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
                "down_proj": "mlp.down_proj"}
     norms = {"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm"}
+    if backbone.gemma:  # HF's post_attention_layernorm normalises the attention's output there
+        norms = {"input_norm": "input_layernorm",
+                 "attention_out_norm": "post_attention_layernorm",
+                 "post_attention_norm": "pre_feedforward_layernorm",
+                 "mlp_out_norm": "post_feedforward_layernorm"}
     if backbone.qk_norm:
         norms |= {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
     per_layer = [_Tensor(("layers", "layer", ours, "kernel"), f"{layer}{hf}.weight", linear=True)

@@ -88,15 +88,22 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Llama/Qwen RMSNorm: normalise in fp32, scale in the input dtype."""
+    """Llama/Qwen RMSNorm: normalise in fp32, scale in the input dtype.
 
-    def __init__(self, features: int, *, eps: float, param_dtype, rngs: nnx.Rngs, axis="embed"):
+    `offset` (Gemma): the weight is stored as w with scale (1 + w), applied in fp32.
+    """
+
+    def __init__(self, features: int, *, eps: float, param_dtype, rngs: nnx.Rngs, axis="embed",
+                 offset: bool = False):
         self.eps = eps
-        self.scale = param(rngs, ones, (features,), (axis,), param_dtype)
+        self.offset = offset
+        self.scale = param(rngs, zeros if offset else ones, (features,), (axis,), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
@@ -157,7 +164,6 @@ def attention(
     segment_ids_BxT: jax.Array,
     causal: bool,
     window: jax.Array | int | None = None,
-    softcap: float | None = None,
     scale: float | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
@@ -165,8 +171,8 @@ def attention(
 
     Unpacked rows pass their attention mask as `segment_ids_BxT`, so padded keys are excluded
     wherever they sit (left, right or between). `window`: keys at least that many positions
-    before the query are excluded (sliding-window layers; may be traced). `softcap`: logits
-    become softcap * tanh(logits / softcap) before masking (Gemma).
+    before the query are excluded (sliding-window layers; may be traced). `scale`: the
+    softmax scale (default head_dim ** -0.5).
     """
     t = q_BxTxNxH.shape[1]
     allowed_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
@@ -178,22 +184,10 @@ def attention(
         allowed_BxTxT &= (query_T1 - key_1T < window)[None]
     # Padding query rows would otherwise attend to nothing; let them see themselves.
     allowed_BxTxT |= jnp.eye(t, dtype=bool)[None]
-    if softcap is None:
-        return jax.nn.dot_product_attention(
-            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=allowed_BxTxT[:, None], scale=scale,
-            is_causal=causal, implementation=implementation,
-        )
-    b, _, n, h = q_BxTxNxH.shape
-    kv = k_BxTxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
-    logits_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxTxKxH,
-                                  preferred_element_type=jnp.float32)
-    logits_BxKxGxTxS *= h ** -0.5 if scale is None else scale
-    logits_BxKxGxTxS = softcap * jnp.tanh(logits_BxKxGxTxS / softcap)
-    logits_BxKxGxTxS = jnp.where(allowed_BxTxT[:, None, None], logits_BxKxGxTxS, -1e30)
-    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxTxKxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxTxKxH)
-    return out_BxTxKxGxH.reshape(b, t, n, h)
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=allowed_BxTxT[:, None], scale=scale,
+        is_causal=causal, implementation=implementation,
+    )
 
 
 def remat_policy(name: RematPolicy):

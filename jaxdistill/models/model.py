@@ -57,6 +57,12 @@ class ModelConfig(BaseModel):
                     f"head {name!r} of type {head.type!r} reads the output embedding and needs a "
                     f"decoder backbone; an encoder uses a 'classifier' head instead"
                 )
+            if isinstance(head, LMHead) and getattr(self.backbone, "final_softcap", None):
+                raise ValueError(
+                    f"head {name!r}: an lm head hands (hidden, unembedding) to the token-level "
+                    "losses, which do not apply the backbone's final_softcap "
+                    f"({self.backbone.final_softcap}); use a model without final soft-capping"
+                )
             if isinstance(head, TokenScoreHead):
                 bad = [i for i in head.token_ids if not 0 <= i < self.backbone.vocab_size]
                 if bad:

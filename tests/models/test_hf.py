@@ -213,6 +213,72 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     assert hf.config_from_hf(legacy).rope_scaling == cfg.backbone.rope_scaling
 
 
+GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+               "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}
+
+
+def test_gemma3_matches_transformers(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=128, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+        rope_parameters=GEMMA3_ROPE, final_logit_softcapping=3.0, tie_word_embeddings=True)
+    model = transformers.Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = hf.load_hf(tmp_path / "hf", dtype="float32")
+    b = cfg.backbone
+    assert (b.family, b.layer_types, b.sliding_window, b.rope_local_theta, b.rope_theta) == (
+        "gemma3", ("sliding_attention", "full_attention"), 4, 10_000.0, 1e6)
+    assert b.rope_scaling.type == "linear" and b.final_softcap == 3.0
+    ids, mask = _batch()  # rows of 10, 7 and 4 tokens: longer than the window of 4
+    left_ids, left_mask = _left_padded(ids, mask)
+
+    def ours(cfg, ids, mask):
+        backbone = functional(cfg).bind(params).backbone
+        hidden = backbone(jax.numpy.asarray(ids), jax.numpy.asarray(mask))
+        return np.asarray(hidden), np.asarray(backbone.logits(hidden))
+
+    def theirs(ids, mask):
+        positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+        inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long),
+                      attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions))
+        eager = transformers.Gemma3ForCausalLM.from_pretrained(
+            tmp_path / "hf", dtype=torch.float32, attn_implementation="eager").eval()
+        with torch.no_grad():
+            return eager.model(**inputs).last_hidden_state.numpy(), eager(**inputs).logits.numpy()
+
+    hidden, logits = ours(cfg, ids, mask)
+    torch_hidden, torch_logits = theirs(ids, mask)
+    _assert_close_at_real(hidden, torch_hidden, what="gemma3 hidden")
+    _assert_close_at_real(logits, torch_logits, what="gemma3 logits")
+    assert np.abs(torch_logits).max() <= 3.0 and np.abs(torch_logits).max() > 2.0  # capped
+    left_hidden, left_logits = ours(cfg, left_ids, left_mask)
+    torch_hidden, torch_logits = theirs(left_ids, left_mask)
+    _assert_close_at_real(left_hidden, torch_hidden, mask=left_mask, what="gemma3 left hidden")
+    _assert_close_at_real(left_logits, torch_logits, mask=left_mask, what="gemma3 left logits")
+    # The window matters: an unlimited one gives other states past the window only.
+    no_window = b.model_copy(update={"sliding_window": 64})
+    other, _ = ours(cfg.model_copy(update={"backbone": no_window}), ids, mask)
+    assert np.abs(other[0, 4:] - hidden[0, 4:]).max() > 1e-2
+    np.testing.assert_allclose(other[0, :4], hidden[0, :4], rtol=1e-5, atol=1e-5)
+
+    out = hf.export_hf(cfg, params, tmp_path / "export")
+    exported, info = transformers.Gemma3ForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values())
+    source_config = transformers.AutoConfig.from_pretrained(tmp_path / "hf").to_dict()
+    export_config = exported.config.to_dict()
+    for key in ("layer_types", "rope_parameters", "sliding_window", "query_pre_attn_scalar",
+                "final_logit_softcapping", "head_dim", "tie_word_embeddings"):
+        assert export_config[key] == source_config[key], key
+    cfg2, params2 = hf.load_hf(out, dtype="float32")
+    assert cfg2 == cfg
+    _leaves_equal(params, params2)
+
+
 def test_sharded_index_and_mesh_loading(tmp_path):
     _save_random("qwen3", tmp_path / "one", tie_word_embeddings=False)
     _save_random("qwen3", tmp_path / "sharded", tie_word_embeddings=False, max_shard_size="8KB")
