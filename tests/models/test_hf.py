@@ -400,15 +400,18 @@ def test_bert_pooler_is_kept(tmp_path, pooler):
     ids, mask = _batch()
     inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
     with torch.no_grad():
-        theirs, ours = source.eval()(**inputs).pooler_output, exported.eval()(**inputs).pooler_output
+        theirs = source.eval()(**inputs).pooler_output
+        ours = exported.eval()(**inputs).pooler_output
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     _leaves_equal(params, hf.load_hf(out, dtype="float32")[1])
 
 
 def _sentence_transformers_dir(path, **modes):
-    """A tiny BERT saved as sentence-transformers lays out MiniLM (Transformer, Pooling, Normalize)."""
+    """A tiny BERT laid out as sentence-transformers saves MiniLM (Transformer, Pooling,
+    Normalize)."""
     _save_random("bert", path)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling",
                 "type": "sentence_transformers.models.Pooling"},
                {"idx": 2, "name": "2", "path": "2_Normalize",
@@ -479,12 +482,12 @@ def test_export_keeps_the_source_config(tmp_path):
         assert (transformers.GenerationConfig.from_pretrained(out).to_dict()
                 == transformers.GenerationConfig.from_pretrained(tmp_path / "hf").to_dict())
     # A model that changed (another vocabulary): only that key is rewritten.
-    changed = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"vocab_size": 96})})
-    params96 = jax.tree.map(lambda x: x, params)
-    for key in ("embed", "lm_head"):
-        leaf = params96["backbone"][key]
-        name = "embedding" if key == "embed" else "kernel"
-        leaf[name] = leaf[name][:96] if key == "embed" else leaf[name][:, :96]
+    changed = cfg.model_copy(
+        update={"backbone": cfg.backbone.model_copy(update={"vocab_size": 96})})
+    backbone = params["backbone"]
+    params96 = {"backbone": {**backbone,
+                             "embed": {"embedding": backbone["embed"]["embedding"][:96]},
+                             "lm_head": {"kernel": backbone["lm_head"]["kernel"][:, :96]}}}
     out = hf.export_hf(changed, params96, tmp_path / "changed", source_dir=tmp_path / "hf")
     raw = json.loads((out / "config.json").read_text())
     assert raw == {**source_raw, "vocab_size": 96, "dtype": "float32"}
@@ -518,8 +521,8 @@ def test_missing_heads_are_refused_unless_asked_for(tmp_path):
     assert str(tmp_path / "hf") in str(err.value) and "no jaxdistill_heads.json" in str(err.value)
     assert "init_missing_heads=True" in str(err.value)
     # Weightless heads need nothing stored.
-    cfg, _ = hf.load_hf(tmp_path / "hf", heads={"lm": {"type": "lm"},
-                                                  "yes": {"type": "token_score", "token_ids": (1,)}})
+    weightless = {"lm": {"type": "lm"}, "yes": {"type": "token_score", "token_ids": (1,)}}
+    cfg, _ = hf.load_hf(tmp_path / "hf", heads=weightless)
     assert set(cfg.heads) == {"lm", "yes"}
 
     cfg, params = hf.load_hf(tmp_path / "hf", heads={"click_head": action}, init_missing_heads=True)
@@ -591,6 +594,19 @@ def test_config_errors(tmp_path):
     assert hf.config_from_hf(legacy).rope_theta == 1e6
     with pytest.raises(ValueError, match="hidden_act"):
         hf.config_from_hf({**_hf_config("bert").to_dict(), "hidden_act": "relu"})
+    # Gemma 3 as transformers 4 wrote it (google/gemma-3-1b's layout): the pattern and the
+    # local base resolve as transformers resolves them.
+    gemma = {"model_type": "gemma3_text", "vocab_size": 64, "hidden_size": 32,
+             "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 16, "intermediate_size": 64, "sliding_window": 8,
+             "sliding_window_pattern": 2, "rope_local_base_freq": 10_000.0, "rope_theta": 1e6,
+             "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+             "query_pre_attn_scalar": 16, "hidden_activation": "gelu_pytorch_tanh"}
+    cfg = hf.config_from_hf(gemma)
+    assert cfg.layer_types == ("sliding_attention", "full_attention") * 2
+    assert (cfg.rope_local_theta, cfg.rope_theta, cfg.rope_scaling.factor) == (1e4, 1e6, 8.0)
+    with pytest.raises(ValueError, match="multimodal"):
+        hf.config_from_hf({"model_type": "gemma3"})
 
 
 def test_corrupt_files_are_named(tmp_path):
