@@ -64,7 +64,8 @@ _ARCHITECTURES = {
 }
 # Checkpoint tensors that carry nothing our backbones use (canonical-name patterns, and how
 # messages describe them). BERT's MLM/NSP heads are pre-training heads our task heads replace;
-# its pooler is kept when the checkpoint has one (EncoderConfig.pooler), else ignored. A tied decoder's stored lm_head.weight is ignored as transformers does.
+# its pooler is kept when the checkpoint has one (EncoderConfig.pooler), else ignored. A tied
+# decoder's stored lm_head.weight is ignored as transformers does.
 _IGNORED = {
     "decoder": ((r".*rotary_emb\.inv_freq", "rotary_emb.inv_freq buffers"),),
     "encoder": ((r"pooler\..*", "pooler.*"), (r"cls\..*", "cls.* pre-training heads"),
@@ -966,7 +967,7 @@ def inspect_hf(hf_dir: str | os.PathLike) -> dict[str, Any]:
     shapes = functional(ModelConfig(backbone=backbone)).shapes
     dims = backbone.model_dump(include={"vocab_size", "hidden", "layers", "heads", "kv_heads",
                                         "head_dim", "mlp", "rope_theta", "rope_scaling",
-                                        "tie_embeddings",
+                                        "sliding_window", "tie_embeddings",
                                         "max_positions"})
     if isinstance(backbone, EncoderConfig):
         dims["head_dim"] = backbone.head_dim

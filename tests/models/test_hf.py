@@ -111,10 +111,11 @@ def test_parity_with_transformers(tmp_path, family, kw):
     assert cfg.backbone.family == family
     hidden, logits = _our_outputs(cfg, params)
     torch_hidden, torch_logits = _torch_outputs(tmp_path, family)
-    _assert_close_at_real(hidden, torch_hidden)
+    name = f"{family} {kw}"
+    _assert_close_at_real(hidden, torch_hidden, what=f"{name} hidden")
     if family != "bert":
         assert cfg.backbone.tie_embeddings == kw["tie_word_embeddings"]
-        _assert_close_at_real(logits, torch_logits)
+        _assert_close_at_real(logits, torch_logits, what=f"{name} logits")
 
 
 def _left_padded(ids, mask):
