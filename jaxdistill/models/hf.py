@@ -334,7 +334,6 @@ def _hf_known(backbone: DecoderConfig | EncoderConfig) -> dict[str, Any]:
             "num_attention_heads": backbone.heads, "intermediate_size": backbone.mlp,
             "hidden_act": "gelu", "max_position_embeddings": backbone.max_positions,
             "type_vocab_size": backbone.type_vocab_size, "layer_norm_eps": backbone.norm_eps,
-            "position_embedding_type": "absolute",
         }
     if backbone.gemma:
         rope = {"full_attention": _hf_rope(backbone.rope_theta, backbone.rope_scaling)}

@@ -267,7 +267,10 @@ def test_gemma3_matches_transformers(tmp_path):
     assert np.abs(other[0, 4:] - hidden[0, 4:]).max() > 1e-2
     np.testing.assert_allclose(other[0, :4], hidden[0, :4], rtol=1e-5, atol=1e-5)
 
-    out = hf.export_hf(cfg, params, tmp_path / "export")
+    out = hf.export_hf(cfg, params, tmp_path / "export", source_dir=tmp_path / "hf")
+    assert (json.loads((out / "config.json").read_text())
+            == json.loads((tmp_path / "hf" / "config.json").read_text()))
+    out = hf.export_hf(cfg, params, tmp_path / "export")  # from our config alone
     exported, info = transformers.Gemma3ForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values())
     source_config = transformers.AutoConfig.from_pretrained(tmp_path / "hf").to_dict()
@@ -392,7 +395,9 @@ def test_bert_pooler_is_kept(tmp_path, pooler):
     cfg, params = hf.load_hf(tmp_path / "hf", dtype="float32")
     assert cfg.backbone.pooler is pooler and hf.config_from_hf(tmp_path / "hf").pooler is pooler
     assert ("pooler" in params["backbone"]) is pooler
-    out = hf.export_hf(cfg, params, tmp_path / "export")
+    out = hf.export_hf(cfg, params, tmp_path / "export", source_dir=tmp_path / "hf")
+    assert (json.loads((out / "config.json").read_text())
+            == json.loads((tmp_path / "hf" / "config.json").read_text()))  # nothing changed
     exported, info = transformers.BertModel.from_pretrained(
         out, add_pooling_layer=pooler, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -502,6 +507,15 @@ def test_export_keeps_the_source_config(tmp_path):
     _save_random("qwen3", qwen)
     with pytest.raises(ValueError, match="model_type 'qwen3'"):
         hf.export_hf(cfg, params, tmp_path / "wrong", source_dir=qwen)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_export_of_an_unchanged_model_keeps_config_json(tmp_path, family):
+    _save_random(family, tmp_path / "hf")
+    cfg, params = hf.load_hf(tmp_path / "hf", dtype="float32")
+    out = hf.export_hf(cfg, params, tmp_path / "export", source_dir=tmp_path / "hf")
+    assert (json.loads((out / "config.json").read_text())
+            == json.loads((tmp_path / "hf" / "config.json").read_text()))
 
 
 def test_fresh_heads_are_seeded_by_name(tmp_path):
