@@ -1,4 +1,12 @@
-"""Decoder-only transformer of the Llama / Qwen2 / Qwen3 family (RMSNorm, RoPE, GQA, SwiGLU)."""
+"""Decoder-only transformer of the Llama / Qwen2 / Qwen3 / Gemma 3 family (RMSNorm, RoPE, GQA,
+gated MLP).
+
+Gemma 3 (`family="gemma3"`) differs in a few config-driven places: embeddings scaled by
+sqrt(hidden), RMSNorm weights as (1 + w), extra norms on the attention and MLP outputs, a
+tanh-GELU gate, the softmax scale `query_pre_attn_scalar ** -0.5`, sliding-window attention
+with its own RoPE base on the local layers (`layer_types`, a per-layer input of the layer scan)
+and optional final-logit soft-capping.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +15,48 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from jaxdistill.models.layers import Embed, Linear, RematPolicy, RMSNorm, Stack, attention, rope
+from jaxdistill.models.layers import (
+    Embed,
+    Linear,
+    RematPolicy,
+    RMSNorm,
+    Stack,
+    attention,
+    rope,
+    rope_frequencies,
+)
 from jaxdistill.parallel import constrain
+
+
+class RopeScaling(BaseModel):
+    """RoPE frequency scaling as transformers defines it: `linear` divides every frequency by
+    `factor`; `llama3` (Llama 3.1+) slows only the long wavelengths, smoothly between
+    original_max_positions / low_freq_factor and / high_freq_factor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["linear", "llama3"]
+    factor: float = Field(gt=0)
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_positions: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        llama3 = (self.low_freq_factor, self.high_freq_factor, self.original_max_positions)
+        if self.type == "llama3":
+            if None in llama3:
+                raise ValueError("llama3 RoPE scaling needs low_freq_factor, high_freq_factor "
+                                 "and original_max_positions")
+            if not 0 < self.low_freq_factor < self.high_freq_factor:
+                raise ValueError(f"llama3 RoPE scaling needs 0 < low_freq_factor "
+                                 f"({self.low_freq_factor}) < high_freq_factor "
+                                 f"({self.high_freq_factor})")
+        elif any(v is not None for v in llama3):
+            raise ValueError("linear RoPE scaling takes only a factor")
+        return self
 
 
 class DecoderConfig(BaseModel):
@@ -19,7 +65,7 @@ class DecoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["decoder"] = "decoder"
-    family: Literal["llama", "qwen2", "qwen3"] = "qwen3"
+    family: Literal["llama", "qwen2", "qwen3", "gemma3"] = "qwen3"
     vocab_size: int
     hidden: int
     layers: int
@@ -28,6 +74,7 @@ class DecoderConfig(BaseModel):
     head_dim: int
     mlp: int
     rope_theta: float = 1_000_000.0
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
     norm_eps: float = 1e-6
     qk_norm: bool = True
     attention_bias: bool = False
@@ -36,6 +83,13 @@ class DecoderConfig(BaseModel):
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: RematPolicy = "full"
     attention_impl: Literal["xla", "cudnn"] | None = None
+    # Gemma 3 (None elsewhere). Local ("sliding_attention") layers attend to the last
+    # `sliding_window` positions and use RoPE base `rope_local_theta`, unscaled.
+    layer_types: tuple[Literal["full_attention", "sliding_attention"], ...] | None = None
+    sliding_window: int | None = Field(default=None, gt=0)
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: int | None = Field(default=None, gt=0)  # softmax scale x ** -0.5
+    final_softcap: float | None = Field(default=None, gt=0)  # logits: c * tanh(logits / c)
 
     @model_validator(mode="after")
     def _check(self):
@@ -43,7 +97,19 @@ class DecoderConfig(BaseModel):
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                                 f"{self.layers} layers")
+            if "sliding_attention" in self.layer_types and (
+                    self.sliding_window is None or self.rope_local_theta is None):
+                raise ValueError("sliding_attention layers need sliding_window and "
+                                 "rope_local_theta")
         return self
+
+    @property
+    def gemma(self) -> bool:
+        return self.family == "gemma3"
 
 
 def qwen3_0_6b(**overrides) -> DecoderConfig:
@@ -65,7 +131,8 @@ class DecoderLayer(nnx.Module):
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
         self.cfg = cfg
-        self.input_norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        norm = dict(eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs, offset=cfg.gemma)
+        self.input_norm = RMSNorm(cfg.hidden, **norm)
         self.q_proj = Linear(cfg.hidden, cfg.heads * cfg.head_dim, ("embed", "heads"),
                              use_bias=cfg.attention_bias, **kw)
         self.k_proj = Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, ("embed", "kv"),
@@ -74,17 +141,19 @@ class DecoderLayer(nnx.Module):
                              use_bias=cfg.attention_bias, **kw)
         self.o_proj = Linear(cfg.heads * cfg.head_dim, cfg.hidden, ("heads", "embed"), **kw)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs,
-                                  axis=None)
-            self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs,
-                                  axis=None)
-        self.post_attention_norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, param_dtype=pdt,
-                                           rngs=rngs)
+            self.q_norm = RMSNorm(cfg.head_dim, axis=None, **norm)
+            self.k_norm = RMSNorm(cfg.head_dim, axis=None, **norm)
+        # Gemma also normalises what the attention and the MLP add to the residual stream.
+        self.attention_out_norm = RMSNorm(cfg.hidden, **norm) if cfg.gemma else None
+        self.post_attention_norm = RMSNorm(cfg.hidden, **norm)  # the MLP's input norm
+        self.mlp_out_norm = RMSNorm(cfg.hidden, **norm) if cfg.gemma else None
         self.gate_proj = Linear(cfg.hidden, cfg.mlp, ("embed", "mlp"), **kw)
         self.up_proj = Linear(cfg.hidden, cfg.mlp, ("embed", "mlp"), **kw)
         self.down_proj = Linear(cfg.mlp, cfg.hidden, ("mlp", "embed"), **kw)
 
-    def __call__(self, x_BxTxD, positions_BxT, lengths_B, segment_ids_BxT):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, sliding=None):
+        """`sliding`: whether this layer is a local (sliding-window) one, a traced bool from
+        the layer scan (None: every layer is global)."""
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         h_BxTxD = self.input_norm(x_BxTxD)
@@ -93,17 +162,33 @@ class DecoderLayer(nnx.Module):
         v_BxTxKxH = self.v_proj(h_BxTxD).reshape(b, t, cfg.kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
-        q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
-        k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+        inv_freq_H2 = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        window = None
+        if sliding is not None:
+            local_H2 = rope_frequencies(cfg.head_dim, cfg.rope_local_theta)
+            inv_freq_H2 = jnp.where(sliding, local_H2, inv_freq_H2)
+            window = jnp.where(sliding, cfg.sliding_window, t)  # t: no limit
+        q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, inv_freq_H2)
+        k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, inv_freq_H2)
+        scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
         attended_BxTxNxH = attention(
-            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, lengths_B=lengths_B, causal=True,
-            segment_ids_BxT=segment_ids_BxT, implementation=cfg.attention_impl,
+            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=segment_ids_BxT, causal=True,
+            window=window, scale=scale, implementation=cfg.attention_impl,
         )
-        x_BxTxD = x_BxTxD + self.o_proj(attended_BxTxNxH.reshape(b, t, -1))
+        attended_BxTxD = self.o_proj(attended_BxTxNxH.reshape(b, t, -1))
+        if self.attention_out_norm is not None:
+            attended_BxTxD = self.attention_out_norm(attended_BxTxD)
+        x_BxTxD = x_BxTxD + attended_BxTxD
         h_BxTxD = self.post_attention_norm(x_BxTxD)
-        mlp_BxTxF = jax.nn.silu(self.gate_proj(h_BxTxD)) * self.up_proj(h_BxTxD)
-        mlp_BxTxF = constrain(mlp_BxTxF, ("batch", "seq", "mlp"))
-        return x_BxTxD + self.down_proj(mlp_BxTxF)
+        gate_BxTxF = self.gate_proj(h_BxTxD)
+        # Gemma's gelu_pytorch_tanh is the tanh approximation.
+        gate_BxTxF = jax.nn.gelu(gate_BxTxF, approximate=True) if cfg.gemma else jax.nn.silu(
+            gate_BxTxF)
+        mlp_BxTxF = constrain(gate_BxTxF * self.up_proj(h_BxTxD), ("batch", "seq", "mlp"))
+        mlp_BxTxD = self.down_proj(mlp_BxTxF)
+        if self.mlp_out_norm is not None:
+            mlp_BxTxD = self.mlp_out_norm(mlp_BxTxD)
+        return x_BxTxD + mlp_BxTxD
 
 
 class Decoder(nnx.Module):
@@ -114,7 +199,8 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.hidden, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.layers = Stack(lambda r: DecoderLayer(cfg, r), cfg.layers, rngs)
-        self.final_norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.final_norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs,
+                                  offset=cfg.gemma)
         self.lm_head = (
             None
             if cfg.tie_embeddings
@@ -135,17 +221,27 @@ class Decoder(nnx.Module):
         positions_BxT: jax.Array | None = None,
         token_type_ids_BxT: jax.Array | None = None,
     ) -> jax.Array:
-        """Final-norm hidden states [B, T, D] of right-padded (or packed) sequences."""
+        """Final-norm hidden states [B, T, D] of padded (either side) or packed sequences.
+
+        Without `positions_BxT`, a token's position counts the real tokens before it (as
+        transformers' `generate` does), so left and right padding give the same states.
+        """
         del token_type_ids_BxT  # decoders have no segment embedding
-        b, t = input_ids_BxT.shape
-        # An all-padding row (a padded list slot) still attends to its first token: no NaNs.
-        lengths_B = jnp.maximum(jnp.sum(attention_mask_BxT, axis=-1), 1).astype(jnp.int32)
+        mask_BxT = attention_mask_BxT.astype(jnp.int32)
         if positions_BxT is None:
-            positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x_BxTxD = constrain(self.embed(input_ids_BxT), ("batch", "seq", "embed"))
-        x_BxTxD = self.layers(
-            x_BxTxD, positions_BxT, lengths_B, segment_ids_BxT, remat=self.cfg.remat
-        )
+            positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=-1) - 1, 0)
+        if segment_ids_BxT is None:
+            segment_ids_BxT = mask_BxT  # one segment of real tokens; padding is segment 0
+        x_BxTxD = self.embed(input_ids_BxT)
+        if self.cfg.gemma:  # scaled in the compute dtype, as transformers does
+            x_BxTxD = x_BxTxD * jnp.asarray(self.cfg.hidden ** 0.5, x_BxTxD.dtype)
+        x_BxTxD = constrain(x_BxTxD, ("batch", "seq", "embed"))
+        per_layer = None
+        if self.cfg.layer_types is not None:
+            per_layer = {"sliding": jnp.asarray(
+                [kind == "sliding_attention" for kind in self.cfg.layer_types])}
+        x_BxTxD = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT, remat=self.cfg.remat,
+                              per_layer=per_layer)
         return self.final_norm(x_BxTxD)
 
     def unembedding(self) -> jax.Array:
@@ -155,6 +251,15 @@ class Decoder(nnx.Module):
             return self.embed.embedding[...].T.astype(dt)
         return self.lm_head.kernel[...].astype(dt)
 
+    def softcap(self, logits: jax.Array) -> jax.Array:
+        """Final-logit soft-capping (Gemma), identity when the config has none."""
+        cap = self.cfg.final_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """Full-vocabulary logits [B, T, V] (soft-capped where the model is)."""
+        return self.softcap(jnp.dot(hidden_BxTxD.astype(self.cfg.dtype), self.unembedding()))
+
     def token_logits(self, hidden_BxD: jax.Array, token_ids: tuple[int, ...]) -> jax.Array:
         """Logits for a few fixed tokens only (e.g. "No", "Yes"): [B, len(token_ids)]."""
         dt = jnp.dtype(self.cfg.dtype)
@@ -163,4 +268,4 @@ class Decoder(nnx.Module):
             rows_KxD = jnp.take(self.embed.embedding[...], ids, axis=0).astype(dt)
         else:
             rows_KxD = jnp.take(self.lm_head.kernel[...], ids, axis=1).T.astype(dt)
-        return jnp.dot(hidden_BxD.astype(dt), rows_KxD.T)
+        return self.softcap(jnp.dot(hidden_BxD.astype(dt), rows_KxD.T))

@@ -30,6 +30,9 @@ class EncoderConfig(BaseModel):
     type_vocab_size: int = 2
     norm_eps: float = 1e-12
     pooling: Literal["cls", "mean"] = "cls"
+    # BERT's pre-training pooler (tanh dense over [CLS]), carried so an export keeps the
+    # checkpoint's; heads read `pooling`, never it.
+    pooler: bool = False
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: RematPolicy = "full"
@@ -64,13 +67,13 @@ class EncoderLayer(nnx.Module):
         self.down_proj = Linear(cfg.mlp, cfg.hidden, ("mlp", "embed"), **kw)
         self.mlp_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
 
-    def __call__(self, x_BxTxD, lengths_B):
+    def __call__(self, x_BxTxD, mask_BxT):
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         split = lambda y: y.reshape(b, t, cfg.heads, cfg.head_dim)  # noqa: E731
         attended_BxTxNxH = attention(
             split(self.q_proj(x_BxTxD)), split(self.k_proj(x_BxTxD)), split(self.v_proj(x_BxTxD)),
-            lengths_B=lengths_B, causal=False, implementation=cfg.attention_impl,
+            segment_ids_BxT=mask_BxT, causal=False, implementation=cfg.attention_impl,
         )
         x_BxTxD = self.attention_norm(x_BxTxD + self.o_proj(attended_BxTxNxH.reshape(b, t, -1)))
         # BERT's "gelu" is the exact erf form.
@@ -94,6 +97,11 @@ class Encoder(nnx.Module):
         )
         self.embed_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         self.layers = Stack(lambda r: EncoderLayer(cfg, r), cfg.layers, rngs)
+        self.pooler = (
+            Linear(cfg.hidden, cfg.hidden, ("embed", None), use_bias=True, dtype=dt,
+                   param_dtype=pdt, rngs=rngs)
+            if cfg.pooler else None
+        )
 
     @property
     def hidden_size(self) -> int:
@@ -108,7 +116,8 @@ class Encoder(nnx.Module):
         segment_ids_BxT: jax.Array | None = None,
         positions_BxT: jax.Array | None = None,
     ) -> jax.Array:
-        """Hidden states [B, T, D] of right-padded sequences."""
+        """Hidden states [B, T, D] of padded sequences (either side; positions count from 0 at
+        the first column, as BERT does)."""
         if segment_ids_BxT is not None:
             raise ValueError("the encoder does not support packed sequences (segment_ids)")
         b, t = input_ids_BxT.shape
@@ -125,6 +134,5 @@ class Encoder(nnx.Module):
             + jnp.take(self.token_type_embedding[...], token_type_ids_BxT, axis=0).astype(dt)
         )
         x_BxTxD = constrain(self.embed_norm(x_BxTxD), ("batch", "seq", "embed"))
-        # An all-padding row (a padded list slot) still attends to its first token: no NaNs.
-        lengths_B = jnp.maximum(jnp.sum(attention_mask_BxT, axis=-1), 1).astype(jnp.int32)
-        return self.layers(x_BxTxD, lengths_B, remat=self.cfg.remat)
+        mask_BxT = attention_mask_BxT.astype(jnp.int32)
+        return self.layers(x_BxTxD, mask_BxT, remat=self.cfg.remat)

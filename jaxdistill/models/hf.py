@@ -8,7 +8,8 @@ full host copy of a weight per device. Linear weights are transposed (HF stores 
 store [in, out]); per-layer tensors are stacked on the leading `layers` axis.
 
 Export (`export_hf`) writes a directory transformers loads with `AutoModel` /
-`AutoModelForCausalLM`: `config.json` from transformers' own config class, `model.safetensors`
+`AutoModelForCausalLM`: `config.json` (the source checkpoint's, where given, with what our model
+changed rewritten; else the keys our config knows), `model.safetensors`
 with HF names and layouts, the tokenizer files, and our task heads in the side files
 `jaxdistill_heads.json` + `jaxdistill_heads.safetensors` (transformers ignores them; `load_hf`
 reads them back, so import -> export -> import is bit-identical).
@@ -24,6 +25,7 @@ import glob
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import uuid
@@ -39,33 +41,37 @@ import numpy as np
 import pydantic
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxdistill import parallel
-from jaxdistill.models.decoder import DecoderConfig
+from jaxdistill.models.decoder import DecoderConfig, RopeScaling
 from jaxdistill.models.encoder import EncoderConfig
 from jaxdistill.models.heads import ActionHead, TokenScoreHead, build_head
 from jaxdistill.models.model import ModelConfig, Params, count_params, functional
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "bert")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "gemma3", "bert")
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text",
+                "bert": "bert"}  # family -> config.json model_type
 HEADS_JSON = "jaxdistill_heads.json"
 HEADS_WEIGHTS = "jaxdistill_heads.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-    "bert": "BertModel",
+    "gemma3": "Gemma3ForCausalLM", "bert": "BertModel",
 }
 # Checkpoint tensors that carry nothing our backbones use (canonical-name patterns, and how
-# messages describe them). BERT's pooler and MLM/NSP heads are pre-training heads; our task
-# heads replace them. A tied decoder's stored lm_head.weight is ignored as transformers does.
+# messages describe them). BERT's MLM/NSP heads are pre-training heads our task heads replace;
+# its pooler is kept when the checkpoint has one (EncoderConfig.pooler), else ignored. A tied
+# decoder's stored lm_head.weight is ignored as transformers does.
 _IGNORED = {
     "decoder": ((r".*rotary_emb\.inv_freq", "rotary_emb.inv_freq buffers"),),
     "encoder": ((r"pooler\..*", "pooler.*"), (r"cls\..*", "cls.* pre-training heads"),
                 (r"embeddings\.position_ids", "embeddings.position_ids")),
 }
+_POOLER = "pooler.dense.weight"
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
@@ -76,6 +82,20 @@ _TOKENIZER_FILES = (
 # ----------------------------------------------------------------------------- configs
 
 
+def _read_json(path: Path, kind: type = dict):
+    """A JSON file's content; a corrupt, truncated or mistyped file is a ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); the file is corrupt or truncated"
+                         ) from None
+    if not isinstance(content, kind):
+        raise ValueError(f"{path}: expected a JSON {'object' if kind is dict else 'array'}, "
+                         f"found {type(content).__name__}")
+    return content
+
+
 def _read_config(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict, str]:
     """The raw config dict and a name for messages (the file path, or '<dict>')."""
     if isinstance(source, Mapping):
@@ -83,36 +103,72 @@ def _read_config(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict, s
     path = Path(source) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected an HF model directory")
-    with open(path) as f:
-        return json.load(f), os.fspath(path)
+    return _read_json(path), os.fspath(path)
 
 
 def detect_family(hf_dir: str | os.PathLike | Mapping[str, Any]) -> str:
-    """`llama`, `qwen2`, `qwen3` or `bert` from config.json's `model_type` (MiniLM is `bert`)."""
+    """Our family (one of SUPPORTED_FAMILIES) from config.json's `model_type` (MiniLM is `bert`,
+    Gemma 3 text is `gemma3_text`)."""
     raw, where = _read_config(hf_dir)
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_FAMILIES:
+    families = {t: f for f, t in _MODEL_TYPES.items()}
+    if model_type not in families:
+        hint = (" (the multimodal Gemma 3; its text-only checkpoints are 'gemma3_text')"
+                if model_type == "gemma3" else "")
         raise ValueError(
-            f"{where}: model_type {model_type!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_FAMILIES)}"
+            f"{where}: model_type {model_type!r} is not supported{hint}; supported: "
+            f"{', '.join(families)}"
         )
-    return model_type
+    return families[model_type]
 
 
-def _rope_theta(hf: dict, where: str) -> float:
-    """RoPE base from transformers 5 `rope_parameters` or the older `rope_theta`/`rope_scaling`."""
+def _rope(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling from transformers 5 `rope_parameters` (or the older
+    `rope_theta` / `rope_scaling`); a type we do not implement is refused by name."""
     params = hf.get("rope_parameters") or {}
     if params and all(isinstance(v, Mapping) for v in params.values()):
         raise ValueError(f"{where}: per-layer-type rope_parameters {params} are not supported")
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") \
-        or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ValueError(
-            f"{where}: RoPE scaling type {rope_type!r} is not supported (supported: 'default', "
-            "plain RoPE); loading it as plain RoPE would silently change the model"
-        )
-    return float(params.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
+    return _rope_of(params, hf, where)
+
+
+def _rope_of(params: Mapping, hf: dict, where: str) -> tuple[float, RopeScaling | None]:
+    scaling = {**(hf.get("rope_scaling") or {}), **params}
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    theta = float(scaling.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
+    if (scaling.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor {scaling['partial_rotary_factor']} is "
+                         "not supported (RoPE over the whole head only)")
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "linear":
+        return theta, RopeScaling(type="linear", factor=scaling["factor"])
+    if rope_type == "llama3":
+        original = scaling.get("original_max_position_embeddings") \
+            or hf.get("max_position_embeddings")
+        try:
+            return theta, RopeScaling(
+                type="llama3", factor=scaling.get("factor"),
+                low_freq_factor=scaling.get("low_freq_factor"),
+                high_freq_factor=scaling.get("high_freq_factor"), original_max_positions=original)
+        except pydantic.ValidationError as err:
+            raise ValueError(f"{where}: invalid llama3 RoPE scaling {dict(scaling)}: {err}"
+                             ) from None
+    raise ValueError(
+        f"{where}: RoPE scaling type {rope_type!r} is not supported (supported: 'default', "
+        "'linear', 'llama3'); loading it as plain RoPE would silently change the model"
+    )
+
+
+def _hf_rope(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:
+    """One transformers `rope_parameters` entry."""
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    if scaling.type == "linear":
+        return {"rope_type": "linear", "rope_theta": theta, "factor": scaling.factor}
+    return {"rope_type": "llama3", "rope_theta": theta, "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_positions}
 
 
 def config_from_hf(
@@ -123,9 +179,20 @@ def config_from_hf(
     The dict goes through transformers' own config class first, so defaults and legacy keys
     resolve exactly as transformers resolves them when it builds the model. `overrides` set
     our numerics and options (dtype, param_dtype, remat, attention_impl, pooling for encoders).
+    A BERT directory's `pooler` says whether its safetensors hold the pooler's weights; its
+    `pooling` comes from a sentence-transformers `modules.json` + pooling config when present.
     """
     raw, where = _read_config(source)
     family = detect_family(raw)
+    explicit = family == "bert" and "pooling" in overrides  # an explicit pooling wins
+    if not isinstance(source, Mapping) and not explicit:
+        pooling = _sentence_transformers_pooling(Path(source), family)
+        if family == "bert" and pooling is not None:
+            overrides["pooling"] = pooling
+    if family == "bert" and "pooler" not in overrides and not isinstance(source, Mapping):
+        has_weights = any(p.name != HEADS_WEIGHTS for p in Path(source).glob("*.safetensors"))
+        overrides["pooler"] = has_weights and _POOLER in _Checkpoint(
+            Path(source), family, allow_pickle=False).names
     from transformers import AutoConfig
 
     hf = AutoConfig.for_model(**raw).to_dict()
@@ -133,6 +200,44 @@ def config_from_hf(
         return _backbone_config(hf, family, where, overrides)
     except pydantic.ValidationError as err:
         raise ValueError(f"{where}: does not give a valid {family} backbone: {err}") from None
+
+
+# sentence-transformers Pooling modes -> ours (encoders: EncoderConfig.pooling; decoders always
+# pool the last real token).
+_ST_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+               "pooling_mode_lasttoken": "last_token"}
+
+
+def _sentence_transformers_pooling(hf_dir: Path, family: str) -> str | None:
+    """The pooling a sentence-transformers directory declares (None: not such a directory)."""
+    modules_file = hf_dir / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = _read_json(modules_file, list)
+    pooling_dirs = [m.get("path", "") for m in modules if isinstance(m, Mapping)
+                    and str(m.get("type", "")).endswith("models.Pooling")]
+    if not pooling_dirs:
+        return None
+    path = hf_dir / pooling_dirs[0] / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{modules_file}: lists a Pooling module at {pooling_dirs[0]!r}, but "
+                         f"{path} does not exist")
+    pooling = _read_json(path)
+    modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode") and v is True)
+    if isinstance(pooling.get("pooling_mode"), str):  # a single-string spelling
+        modes = [f"pooling_mode_{pooling['pooling_mode']}"]
+    mode = _ST_POOLING.get(modes[0]) if len(modes) == 1 else None
+    supported = ("last_token",) if family != "bert" else ("cls", "mean")
+    if mode not in supported:
+        raise ValueError(
+            f"{path}: pooling modes {modes or 'none'} are not supported for a {family} "
+            f"backbone; supported: exactly one of "
+            f"{', '.join(k for k, v in _ST_POOLING.items() if v in supported)}"
+        )
+    if pooling.get("include_prompt", True) is not True:
+        raise ValueError(f"{path}: include_prompt=false (pooling that skips the prompt tokens) "
+                         "is not supported")
+    return mode
 
 
 def _backbone_config(hf: dict, family: str, where: str, overrides: dict):
@@ -149,6 +254,8 @@ def _backbone_config(hf: dict, family: str, where: str, overrides: dict):
             max_positions=hf["max_position_embeddings"], type_vocab_size=hf["type_vocab_size"],
             norm_eps=hf["layer_norm_eps"], **overrides,
         )
+    if family == "gemma3":
+        return _gemma3_config(hf, where, overrides)
     if hf.get("hidden_act") != "silu":
         raise ValueError(f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported ('silu')")
     if hf.get("mlp_bias"):
@@ -166,44 +273,132 @@ def _backbone_config(hf: dict, family: str, where: str, overrides: dict):
     else:
         attention_bias = False
     heads = hf["num_attention_heads"]
+    rope_theta, rope_scaling = _rope(hf, where)
     return DecoderConfig(
         family=family, vocab_size=hf["vocab_size"], hidden=hf["hidden_size"],
         layers=hf["num_hidden_layers"], heads=heads,
         kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp=hf["intermediate_size"],
-        rope_theta=_rope_theta(hf, where), norm_eps=hf["rms_norm_eps"],
+        rope_theta=rope_theta, rope_scaling=rope_scaling, norm_eps=hf["rms_norm_eps"],
         qk_norm=family == "qwen3", attention_bias=attention_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings")), **overrides,
     )
 
 
-def _hf_config_dict(backbone: DecoderConfig | EncoderConfig, dtype: str) -> dict:
-    """transformers' config for our backbone, as the dict that config.json holds."""
-    import transformers
+def _gemma3_config(hf: dict, where: str, overrides: dict) -> DecoderConfig:
+    if hf.get("hidden_activation") not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise ValueError(f"{where}: hidden_activation {hf.get('hidden_activation')!r} is not "
+                         "supported ('gelu_pytorch_tanh')")
+    if hf.get("attention_bias"):
+        raise ValueError(f"{where}: attention_bias=true is not supported for gemma3")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{where}: use_bidirectional_attention=true is not supported (causal "
+                         "attention only)")
+    if hf.get("attn_logit_softcapping") is not None:
+        # transformers' Gemma 3 stores it but never applies it; so does our import.
+        log.warning("%s: attn_logit_softcapping=%s is ignored, as transformers' Gemma 3 ignores "
+                    "it", where, hf["attn_logit_softcapping"])
+    layer_types = tuple(hf["layer_types"])
+    rope = hf.get("rope_parameters") or {}
+    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+    if unknown or set(rope) != set(layer_types):
+        raise ValueError(f"{where}: layer_types {sorted(set(layer_types))} with rope_parameters "
+                         f"for {sorted(rope)}; expected full_attention / sliding_attention")
+    rope_theta, rope_scaling = _rope_of(rope.get("full_attention", {}), {}, where)
+    rope_local_theta = None
+    if "sliding_attention" in rope:
+        rope_local_theta, local_scaling = _rope_of(rope["sliding_attention"], {}, where)
+        if local_scaling is not None:
+            raise ValueError(f"{where}: RoPE scaling on the sliding-window layers "
+                             f"({rope['sliding_attention']}) is not supported")
+    heads = hf["num_attention_heads"]
+    return DecoderConfig(
+        family="gemma3", vocab_size=hf["vocab_size"], hidden=hf["hidden_size"],
+        layers=hf["num_hidden_layers"], heads=heads, kv_heads=hf["num_key_value_heads"],
+        head_dim=hf["head_dim"], mlp=hf["intermediate_size"], rope_theta=rope_theta,
+        rope_scaling=rope_scaling, norm_eps=hf["rms_norm_eps"], qk_norm=True,
+        attention_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings")),
+        layer_types=layer_types,
+        sliding_window=hf["sliding_window"] if "sliding_attention" in layer_types else None,
+        rope_local_theta=rope_local_theta, query_pre_attn_scalar=hf["query_pre_attn_scalar"],
+        final_softcap=hf.get("final_logit_softcapping"), **overrides,
+    )
 
+
+def _hf_known(backbone: DecoderConfig | EncoderConfig) -> dict[str, Any]:
+    """The config.json keys our backbone determines (transformers' names and layouts)."""
     if isinstance(backbone, EncoderConfig):
-        cfg = transformers.BertConfig(
-            vocab_size=backbone.vocab_size, hidden_size=backbone.hidden,
-            num_hidden_layers=backbone.layers, num_attention_heads=backbone.heads,
-            intermediate_size=backbone.mlp, hidden_act="gelu",
-            max_position_embeddings=backbone.max_positions,
-            type_vocab_size=backbone.type_vocab_size, layer_norm_eps=backbone.norm_eps,
-        )
-    else:
-        cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-               "qwen3": transformers.Qwen3Config}[backbone.family]
-        extra = {"attention_bias": False} if backbone.family != "qwen2" else {}
-        cfg = cls(
-            vocab_size=backbone.vocab_size, hidden_size=backbone.hidden,
-            num_hidden_layers=backbone.layers, num_attention_heads=backbone.heads,
-            num_key_value_heads=backbone.kv_heads, head_dim=backbone.head_dim,
-            intermediate_size=backbone.mlp, hidden_act="silu", rms_norm_eps=backbone.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": backbone.rope_theta},
-            tie_word_embeddings=backbone.tie_embeddings, **extra,
-        )
-    cfg.architectures = [_ARCHITECTURES[backbone.family]]
-    cfg.dtype = dtype
-    return cfg.to_dict()
+        return {
+            "model_type": "bert", "vocab_size": backbone.vocab_size,
+            "hidden_size": backbone.hidden, "num_hidden_layers": backbone.layers,
+            "num_attention_heads": backbone.heads, "intermediate_size": backbone.mlp,
+            "hidden_act": "gelu", "max_position_embeddings": backbone.max_positions,
+            "type_vocab_size": backbone.type_vocab_size, "layer_norm_eps": backbone.norm_eps,
+        }
+    if backbone.gemma:
+        rope = {"full_attention": _hf_rope(backbone.rope_theta, backbone.rope_scaling)}
+        if "sliding_attention" in backbone.layer_types:
+            rope["sliding_attention"] = _hf_rope(backbone.rope_local_theta, None)
+        known = {
+            "model_type": "gemma3_text", "vocab_size": backbone.vocab_size,
+            "hidden_size": backbone.hidden, "num_hidden_layers": backbone.layers,
+            "num_attention_heads": backbone.heads, "num_key_value_heads": backbone.kv_heads,
+            "head_dim": backbone.head_dim, "intermediate_size": backbone.mlp,
+            "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": backbone.norm_eps,
+            "rope_parameters": rope, "layer_types": list(backbone.layer_types),
+            "query_pre_attn_scalar": backbone.query_pre_attn_scalar,
+            "final_logit_softcapping": backbone.final_softcap,
+            "tie_word_embeddings": backbone.tie_embeddings, "attention_bias": False,
+        }
+        if backbone.sliding_window is not None:
+            known["sliding_window"] = backbone.sliding_window
+        return known
+    known = {
+        "model_type": backbone.family, "vocab_size": backbone.vocab_size,
+        "hidden_size": backbone.hidden, "num_hidden_layers": backbone.layers,
+        "num_attention_heads": backbone.heads, "num_key_value_heads": backbone.kv_heads,
+        "head_dim": backbone.head_dim, "intermediate_size": backbone.mlp, "hidden_act": "silu",
+        "rms_norm_eps": backbone.norm_eps,
+        "rope_parameters": _hf_rope(backbone.rope_theta, backbone.rope_scaling),
+        "tie_word_embeddings": backbone.tie_embeddings,
+    }
+    if backbone.family != "qwen2":
+        known["attention_bias"] = False
+    return known
+
+
+def _hf_config_dict(backbone: DecoderConfig | EncoderConfig, dtype: str,
+                    source_dir: str | os.PathLike | None = None) -> dict:
+    """The config.json of an export.
+
+    From `source_dir` (the HF directory the model was imported from): the source's own
+    config.json with only the keys our model changed rewritten (compared as transformers
+    resolves them), so max_position_embeddings, special-token ids, architectures, ... survive.
+    Without it: just the keys our config knows; transformers fills its defaults on load.
+    """
+    known = _hf_known(backbone)
+    if source_dir is None:
+        return {**known, "architectures": [_ARCHITECTURES[backbone.family]], "dtype": dtype}
+    raw, where = _read_config(source_dir)
+    if raw.get("model_type") != known["model_type"]:
+        raise ValueError(f"{where}: source model_type {raw.get('model_type')!r} is not the "
+                         f"exported model's {known['model_type']!r}; pass the directory the "
+                         "model was imported from, or no source_dir")
+    from transformers import AutoConfig
+
+    resolved = AutoConfig.for_model(**raw).to_dict()
+    out = dict(raw)
+    for key, value in known.items():
+        if resolved.get(key) != value:
+            log.info("%s: export changes %s from %r to %r", where, key, resolved.get(key), value)
+            out[key] = value
+            if key == "rope_parameters":  # the legacy spellings would contradict it
+                out.pop("rope_theta", None)
+                out.pop("rope_scaling", None)
+    out["dtype"] = dtype
+    if "torch_dtype" in out:  # transformers 4's spelling
+        out["torch_dtype"] = dtype
+    return out
 
 
 # ----------------------------------------------------------------------------- name map
@@ -231,6 +426,9 @@ def _weight_map(backbone: DecoderConfig | EncoderConfig) -> list[_Tensor]:
             _Tensor(("embed_norm", "scale"), "embeddings.LayerNorm.weight"),
             _Tensor(("embed_norm", "bias"), "embeddings.LayerNorm.bias"),
         ]
+        if backbone.pooler:
+            top += [_Tensor(("pooler", "kernel"), _POOLER, linear=True),
+                    _Tensor(("pooler", "bias"), "pooler.dense.bias")]
         linears = {"q_proj": "attention.self.query", "k_proj": "attention.self.key",
                    "v_proj": "attention.self.value", "o_proj": "attention.output.dense",
                    "up_proj": "intermediate.dense", "down_proj": "output.dense"}
@@ -253,6 +451,11 @@ def _weight_map(backbone: DecoderConfig | EncoderConfig) -> list[_Tensor]:
                "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
                "down_proj": "mlp.down_proj"}
     norms = {"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm"}
+    if backbone.gemma:  # HF's post_attention_layernorm normalises the attention's output there
+        norms = {"input_norm": "input_layernorm",
+                 "attention_out_norm": "post_attention_layernorm",
+                 "post_attention_norm": "pre_feedforward_layernorm",
+                 "mlp_out_norm": "post_feedforward_layernorm"}
     if backbone.qk_norm:
         norms |= {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
     per_layer = [_Tensor(("layers", "layer", ours, "kernel"), f"{layer}{hf}.weight", linear=True)
@@ -283,13 +486,28 @@ def _export_name(name: str, family: str) -> str:
 # ----------------------------------------------------------------------------- checkpoint files
 
 
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(path, framework="numpy")
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); the file is corrupt "
+                         "or truncated (an interrupted download or copy?)") from None
+
+
+def _weight_map_of(index: Path) -> dict[str, str]:
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: expected a 'weight_map' object (tensor name -> file), found "
+                         f"{weight_map!r}")
+    return weight_map
+
+
 def _pickle_files(hf_dir: Path) -> list[str]:
     """Pickled weight files: those a `pytorch_model.bin.index.json` lists, else all but
     `training_args.bin` (a pickle of the trainer's arguments, not weights)."""
     index = hf_dir / "pytorch_model.bin.index.json"
     if index.is_file():
-        with open(index) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
+        return sorted(set(_weight_map_of(index).values()))
     return sorted(p.name for p in hf_dir.iterdir()
                   if p.suffix in _PICKLE_SUFFIXES and p.name != "training_args.bin")
 
@@ -334,7 +552,11 @@ class _Checkpoint:
 
         self._arrays = {}
         for file in pickles:
-            state = torch.load(hf_dir / file, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(hf_dir / file, map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+                raise ValueError(f"{hf_dir / file}: not a readable PyTorch weights file "
+                                 f"({err}); the file is corrupt or truncated") from None
             for name, tensor in state.items():
                 self._add(_canonical(name, family), file, name)
                 self._arrays[name] = _torch_to_numpy(tensor)
@@ -342,8 +564,7 @@ class _Checkpoint:
     def _safetensors_files(self) -> dict[str, list[str]]:
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _weight_map_of(index)
             files: dict[str, list[str]] = {}
             for name, file in weight_map.items():
                 files.setdefault(file, []).append(name)
@@ -364,7 +585,7 @@ class _Checkpoint:
 
     def _handle(self, file: str):
         if file not in self._handles:
-            self._handles[file] = safe_open(self.dir / file, framework="numpy")
+            self._handles[file] = _open_safetensors(self.dir / file)
         return self._handles[file]
 
     def stored_name(self, name: str) -> str:
@@ -506,13 +727,18 @@ def _init_head(cfg: ModelConfig, name: str, seed: int, sharding) -> Params:
 def _read_side_heads(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
     if not (hf_dir / HEADS_JSON).is_file():
         return None
-    with open(hf_dir / HEADS_JSON) as f:
-        meta = json.load(f)
+    meta = _read_json(hf_dir / HEADS_JSON)
     weights = {}
     if (hf_dir / HEADS_WEIGHTS).is_file():
-        with safe_open(hf_dir / HEADS_WEIGHTS, framework="numpy") as f:
+        with _open_safetensors(hf_dir / HEADS_WEIGHTS) as f:
             weights = {k: f.get_tensor(k) for k in f.keys()}
     return meta, weights
+
+
+def _describe_heads(heads: Mapping[str, Any]) -> str:
+    if not heads:
+        return "no heads"
+    return "heads " + ", ".join(f"{n!r} ({e['config']})" for n, e in sorted(heads.items()))
 
 
 def load_hf(
@@ -524,7 +750,7 @@ def load_hf(
     mesh: jax.sharding.Mesh | None = None,
     rules: parallel.Rules | None = None,
     allow_pickle: bool = False,
-    init_missing_heads: bool = True,
+    init_missing_heads: bool = False,
     seed: int = 0,
     **overrides,
 ) -> tuple[ModelConfig, Params]:
@@ -533,13 +759,17 @@ def load_hf(
     Backbone weights come from the checkpoint, cast to `param_dtype`, each created directly in
     its sharding on `mesh` (rules: `parallel.DEFAULT_RULES` unless given; no mesh: the default
     device). Heads: with `heads=None`, those recorded in the directory's `jaxdistill_heads.json`
-    (a jaxdistill export), else none. Named heads found in the side file with the same config
-    load their weights from it; the others are freshly initialised from `seed` and the head's
-    name (so adding a head does not change another's initialisation). `overrides` go to the
-    backbone config (remat, attention_impl, pooling).
+    (a jaxdistill export), else none. Named heads load their weights from the side file, which
+    must hold them with the same config; one it lacks is an error unless `init_missing_heads`,
+    which initialises it from `seed` and the head's name (so adding a head does not change
+    another's initialisation). Heads without weights (token_score, lm) need nothing stored.
+    `overrides` go to the backbone config (remat, attention_impl, pooling).
     """
     hf_dir = Path(hf_dir)
     family = detect_family(hf_dir)
+    ckpt = _Checkpoint(hf_dir, family, allow_pickle)
+    if family == "bert":
+        overrides.setdefault("pooler", _POOLER in ckpt.names)
     side = _read_side_heads(hf_dir)
     side_heads = side[0]["heads"] if side else {}
     if side and "pooling" in side[0]["backbone"] and family == "bert":
@@ -556,7 +786,6 @@ def load_hf(
     else:
         shardings = f.shardings(mesh, rules)
 
-    ckpt = _Checkpoint(hf_dir, family, allow_pickle)
     tensors = _weight_map(backbone)
     _check_tensors(ckpt, tensors, f.shapes["backbone"], backbone, family)
     params: Params = {}
@@ -572,17 +801,26 @@ def load_hf(
         if name not in f.shapes.get("heads", {}):
             continue  # token_score / lm heads have no weights
         stored = side_heads.get(name)
+        wanted = head_cfg.model_dump(mode="json")
+        if stored is not None and stored["config"] != wanted:
+            raise ValueError(
+                f"{hf_dir / HEADS_JSON}: head {name!r} is stored as {stored['config']}, asked "
+                f"for {wanted}; rename the new head or drop it"
+            )
         if stored is None:
+            if not init_missing_heads:
+                holds = (f"{HEADS_JSON} holds {_describe_heads(side_heads)}" if side
+                         else f"it has no {HEADS_JSON} (a plain transformers checkpoint)")
+                raise ValueError(
+                    f"{hf_dir}: head {name!r} ({wanted}) has no weights there: {holds}. Pass "
+                    "init_missing_heads=True to initialise it from the seed, or ask for a "
+                    "head it holds"
+                )
             params.setdefault("heads", {})[name] = _init_head(cfg, name, seed,
                                                                shardings["heads"][name])
             log.info("%s: head %r is not in the checkpoint; initialised from seed %d",
                      hf_dir, name, seed)
             continue
-        if stored["config"] != head_cfg.model_dump(mode="json"):
-            raise ValueError(
-                f"{hf_dir / HEADS_JSON}: head {name!r} is stored as {stored['config']}, asked "
-                f"for {head_cfg.model_dump(mode='json')}; rename the new head or drop it"
-            )
         for path, leaf in jax.tree_util.tree_leaves_with_path(f.shapes["heads"][name]):
             keys = tuple(k.key for k in path)
             value = side[1]["/".join((name,) + keys)]
@@ -631,7 +869,7 @@ def _heads_metadata(cfg: ModelConfig, tokenizer) -> dict:
         "backbone": {"type": backbone.type, "family": backbone.family, "hidden": backbone.hidden,
                      "pooling": pooled},
         "pooled": {"last_token": "final-norm hidden state at the last real (attention_mask=1) "
-                                 "position", "cls": "last hidden state at position 0",
+                                 "position", "cls": "last hidden state at the first real position",
                    "mean": "mean of last hidden states over real positions"}[pooled],
         "weights": (f"{HEADS_WEIGHTS}: '<head>/<layer>/kernel' [in, out] and "
                     "'<head>/<layer>/bias' [out]; a dense layer is y = x @ kernel + bias. "
@@ -647,10 +885,13 @@ def export_hf(
     *,
     tokenizer_dir: str | os.PathLike | None = None,
     dtype: str | None = None,
+    source_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Writes an HF directory transformers loads, plus our heads in side files; returns it.
 
-    Weights keep their dtype unless `dtype` ("float32" / "bfloat16") is given. The directory is
+    Weights keep their dtype unless `dtype` ("float32" / "bfloat16") is given. `source_dir`:
+    the HF directory the model came from; its config.json is kept but for what our model
+    changed (see `_hf_config_dict`) and its generation_config.json is copied. The directory is
     written under a temporary name and renamed into place (an existing one is replaced), so a
     crash never leaves a half-written export. Multi-host: every process must call it (weights
     are gathered); process 0 writes.
@@ -689,7 +930,10 @@ def export_hf(
     tmp.mkdir()
     try:
         with open(tmp / "config.json", "w") as f:
-            json.dump(_hf_config_dict(backbone, stored_dtype), f, indent=2, sort_keys=True)
+            json.dump(_hf_config_dict(backbone, stored_dtype, source_dir), f, indent=2,
+                      sort_keys=True)
+        if source_dir is not None and (Path(source_dir) / "generation_config.json").is_file():
+            shutil.copy2(Path(source_dir) / "generation_config.json", tmp)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
             for path in tokenizer_files:
@@ -721,7 +965,8 @@ def inspect_hf(hf_dir: str | os.PathLike) -> dict[str, Any]:
     backbone = config_from_hf(hf_dir)
     shapes = functional(ModelConfig(backbone=backbone)).shapes
     dims = backbone.model_dump(include={"vocab_size", "hidden", "layers", "heads", "kv_heads",
-                                        "head_dim", "mlp", "rope_theta", "tie_embeddings",
+                                        "head_dim", "mlp", "rope_theta", "rope_scaling",
+                                        "sliding_window", "tie_embeddings",
                                         "max_positions"})
     if isinstance(backbone, EncoderConfig):
         dims["head_dim"] = backbone.head_dim
@@ -743,10 +988,25 @@ def inspect_hf(hf_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_hf_tokenizer(hf_dir: str | os.PathLike):
-    """The tokenizer of a local HF directory (AutoTokenizer, local files only; see data.tokenizer)."""
+    """The tokenizer of a local HF directory (AutoTokenizer, local files only; see data.tokenizer).
+
+    A corrupt file is a ValueError naming it: JSON files are checked first, and a failure of
+    the tokenizer library names the directory's tokenizer files and its message.
+    """
     from jaxdistill.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(hf_dir)
+    hf_dir = Path(hf_dir)
+    present = [n for n in _TOKENIZER_FILES if (hf_dir / n).is_file()]
+    for name in present:
+        if name.endswith(".json"):
+            _read_json(hf_dir / name)
+    try:
+        return load_tokenizer(hf_dir)
+    except Exception as err:  # the tokenizers library raises bare Exceptions
+        if isinstance(err, FileNotFoundError) and not present:
+            raise
+        raise ValueError(f"{hf_dir}: could not read the tokenizer from {', '.join(present)} "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def apply_chat_template(tokenizer, messages: list[dict[str, str]], **kwargs) -> str:

@@ -12,6 +12,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxdistill.parallel import constrain
@@ -87,15 +88,22 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Llama/Qwen RMSNorm: normalise in fp32, scale in the input dtype."""
+    """Llama/Qwen RMSNorm: normalise in fp32, scale in the input dtype.
 
-    def __init__(self, features: int, *, eps: float, param_dtype, rngs: nnx.Rngs, axis="embed"):
+    `offset` (Gemma): the weight is stored as w with scale (1 + w), applied in fp32.
+    """
+
+    def __init__(self, features: int, *, eps: float, param_dtype, rngs: nnx.Rngs, axis="embed",
+                 offset: bool = False):
         self.eps = eps
-        self.scale = param(rngs, ones, (features,), (axis,), param_dtype)
+        self.offset = offset
+        self.scale = param(rngs, zeros if offset else ones, (features,), (axis,), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
@@ -115,11 +123,32 @@ class LayerNorm(nnx.Module):
         return (normed * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
-def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim / 2] (fp32), with HF's `linear` or `llama3` scaling.
+
+    `scaling` is a `decoder.RopeScaling` (or None: plain RoPE). Computed on the host: static.
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    if scaling.type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    # llama3 (transformers' `_compute_llama3_parameters`): long wavelengths are slowed by
+    # `factor`, short ones kept, and the band between interpolated smoothly.
+    low_wavelen = scaling.original_max_positions / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_positions / scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_positions / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq_H2: jax.Array) -> jax.Array:
     """Rotary embedding, half-split layout (HF `rotate_half`), angles in fp32."""
-    head_dim = x_BxTxNxH.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_H2
     cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
     sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
     x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
@@ -132,31 +161,32 @@ def attention(
     k_BxTxKxH: jax.Array,
     v_BxTxKxH: jax.Array,
     *,
-    lengths_B: jax.Array,
+    segment_ids_BxT: jax.Array,
     causal: bool,
-    segment_ids_BxT: jax.Array | None = None,
+    window: jax.Array | int | None = None,
+    scale: float | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
-    """Grouped-query attention over right-padded sequences (or packed segments)."""
-    if segment_ids_BxT is None:
-        return jax.nn.dot_product_attention(
-            q_BxTxNxH,
-            k_BxTxKxH,
-            v_BxTxKxH,
-            is_causal=causal,
-            key_value_seq_lengths=lengths_B,
-            implementation=implementation,
-        )
-    # Packed sequences: attend within a segment only; segment 0 is padding.
-    same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-    same_BxTxT &= (segment_ids_BxT > 0)[:, None, :]
+    """Grouped-query attention within segments; segment 0 (padding) is never attended.
+
+    Unpacked rows pass their attention mask as `segment_ids_BxT`, so padded keys are excluded
+    wherever they sit (left, right or between). `window`: keys at least that many positions
+    before the query are excluded (sliding-window layers; may be traced). `scale`: the
+    softmax scale (default head_dim ** -0.5).
+    """
+    t = q_BxTxNxH.shape[1]
+    allowed_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    allowed_BxTxT &= (segment_ids_BxT > 0)[:, None, :]
+    query_T1, key_1T = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     if causal:
-        t = q_BxTxNxH.shape[1]
-        same_BxTxT &= jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+        allowed_BxTxT &= (key_1T <= query_T1)[None]
+    if window is not None:
+        allowed_BxTxT &= (query_T1 - key_1T < window)[None]
     # Padding query rows would otherwise attend to nothing; let them see themselves.
-    same_BxTxT |= jnp.eye(q_BxTxNxH.shape[1], dtype=bool)[None]
+    allowed_BxTxT |= jnp.eye(t, dtype=bool)[None]
     return jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=same_BxTxT[:, None], implementation=implementation
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=allowed_BxTxT[:, None], scale=scale,
+        is_causal=causal, implementation=implementation,
     )
 
 
@@ -191,15 +221,18 @@ class Stack(nnx.Module):
         self.depth = depth
         self.layer = nnx.merge(graphdef, stacked)
 
-    def __call__(self, x, *args, remat: RematPolicy = "none", **kwargs):
+    def __call__(self, x, *args, remat: RematPolicy = "none", per_layer=None, **kwargs):
+        """`per_layer`: keyword inputs with a leading [depth] axis, scanned with the weights
+        (e.g. which layers use sliding-window attention)."""
         graphdef, stacked = nnx.split(self.layer)
 
-        def body(carry, layer_state):
+        def body(carry, xs):
+            layer_state, layer_inputs = xs
             layer = nnx.merge(graphdef, layer_state)
-            out = layer(carry, *args, **kwargs)
+            out = layer(carry, *args, **kwargs, **(layer_inputs or {}))
             return constrain(out, ("batch", "seq", "embed")), None
 
         if remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, stacked)
+        x, _ = jax.lax.scan(body, x, (stacked, per_layer))
         return x

@@ -57,6 +57,12 @@ class ModelConfig(BaseModel):
                     f"head {name!r} of type {head.type!r} reads the output embedding and needs a "
                     f"decoder backbone; an encoder uses a 'classifier' head instead"
                 )
+            if isinstance(head, LMHead) and getattr(self.backbone, "final_softcap", None):
+                raise ValueError(
+                    f"head {name!r}: an lm head hands (hidden, unembedding) to the token-level "
+                    "losses, which do not apply the backbone's final_softcap "
+                    f"({self.backbone.final_softcap}); use a model without final soft-capping"
+                )
             if isinstance(head, TokenScoreHead):
                 bad = [i for i in head.token_ids if not 0 <= i < self.backbone.vocab_size]
                 if bad:
@@ -116,11 +122,16 @@ class TaskModel(nnx.Module):
         return outputs
 
     def _pool(self, hidden_MxTxD, mask_MxT):
+        # The last (decoder) or first (cls) real token, wherever the padding is; an
+        # all-padding row (a padded list slot) reads position 0.
+        real_MxT = mask_MxT > 0
         if self.cfg.backbone.type == "decoder":
-            last_M = jnp.maximum(jnp.sum(mask_MxT, axis=-1) - 1, 0).astype(jnp.int32)
+            t = real_MxT.shape[-1]
+            last_M = jnp.where(real_MxT.any(-1), t - 1 - jnp.argmax(real_MxT[:, ::-1], -1), 0)
             return jnp.take_along_axis(hidden_MxTxD, last_M[:, None, None], axis=1)[:, 0]
         if self.cfg.backbone.pooling == "cls":
-            return hidden_MxTxD[:, 0]
+            first_M = jnp.argmax(real_MxT, -1)
+            return jnp.take_along_axis(hidden_MxTxD, first_M[:, None, None], axis=1)[:, 0]
         weights_MxT = mask_MxT.astype(hidden_MxTxD.dtype)
         total_MxD = jnp.einsum("mtd,mt->md", hidden_MxTxD, weights_MxT)
         return total_MxD / jnp.maximum(weights_MxT.sum(-1, keepdims=True), 1)

@@ -63,10 +63,25 @@ def test_qwen3_shaped_parameter_counts(make, known_total):
 def test_bert_base_shaped_parameter_count():
     cfg = encoder.bert_base()
     model = functional(ModelConfig(backbone=cfg))
-    # bert-base-uncased is 109,482,240 with its pooler (768 * 768 + 768); ours has no pooler.
+    # bert-base-uncased is 109,482,240 with its pooler (768 * 768 + 768), kept only on request.
     assert count_params(model.shapes) == _bert_count(cfg) == 109_482_240 - (768 * 768 + 768)
     assert count_params(model.shapes, exclude_embeddings=True) == _bert_count(
         cfg, embeddings=False)
+    with_pooler = functional(ModelConfig(backbone=encoder.bert_base(pooler=True)))
+    assert count_params(with_pooler.shapes) == 109_482_240
+
+
+def test_gemma3_1b_shaped_parameter_count():
+    """google/gemma-3-1b-pt has 999,885,952 weights (tied; 4 norms per layer + q/k norms)."""
+    cfg = decoder.DecoderConfig(
+        family="gemma3", vocab_size=262_144, hidden=1152, layers=26, heads=4, kv_heads=1,
+        head_dim=256, mlp=6912, layer_types=(("sliding_attention",) * 5 + ("full_attention",)) * 4
+        + ("sliding_attention",) * 2, sliding_window=512, rope_local_theta=10_000.0,
+        query_pre_attn_scalar=256)
+    model = functional(ModelConfig(backbone=cfg))
+    assert count_params(model.shapes) == 999_885_952
+    layer = model.shapes["backbone"]["layers"]["layer"]
+    assert layer["mlp_out_norm"]["scale"].shape == (26, 1152)
 
 
 def test_heads_add_their_parameters():
