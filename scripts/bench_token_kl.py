@@ -13,6 +13,14 @@ no allocator statistics and works on CPU; time is the median of `--steps` timed 
     python scripts/bench_token_kl.py                    # cpu: B=2, T=512, D=256, V=128k
     python scripts/bench_token_kl.py --preset gpu       # B=16, T=512, D=1024/2048, V=151936, bf16
     python scripts/bench_token_kl.py --seq 2048 --dry-run   # memory only, no timing
+    python scripts/bench_token_kl.py --sparse-error     # top-k cache: bytes/token, KL error
+
+--sparse-error measures what a cached top-k teacher loses, for k = 8, 32, 128, on a peaked
+distribution: vocabulary 32k, rank-256 logits (hidden @ unembedding, like an LM's) scaled to
+about 2.5 nats of teacher entropy; the student is the teacher perturbed (hidden and
+unembedding noise), as mid-way through distillation. It reports the dense token KL, the
+tail-bucket sparse KL, their relative error and the cosine between their gradients w.r.t.
+the student's hidden states.
 """
 
 from __future__ import annotations
@@ -89,6 +97,53 @@ def measure(variant: str, args, arrays, topk) -> dict:
     return out
 
 
+def sparse_error(ks=(8, 32, 128), vocab=32_000, tokens=1024, dim=256, logit_scale=5.5,
+                 chunk=128, seed=0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, scale=1.0):
+        return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+
+    teacher_hidden = normal(1, tokens, dim)
+    teacher_unembed = normal(dim, vocab, scale=logit_scale / dim**0.5)
+    student_hidden = teacher_hidden + normal(1, tokens, dim, scale=0.5)
+    student_unembed = teacher_unembed + normal(dim, vocab, scale=0.5 * logit_scale / dim**0.5)
+
+    @jax.jit
+    def teacher_stats(h, u):
+        log_p = jax.nn.log_softmax(h @ u, axis=-1)
+        return -jnp.mean(jnp.sum(jnp.exp(log_p) * log_p, -1)), jnp.mean(jnp.exp(log_p.max(-1)))
+
+    entropy, top1 = teacher_stats(teacher_hidden, teacher_unembed)
+    dense_fn = jax.jit(jax.value_and_grad(lambda h: losses.chunked_token_kl(
+        h, student_unembed, teacher_hidden, teacher_unembed, chunk_size=chunk)))
+    dense, dense_grad = dense_fn(student_hidden)
+    print(f"vocab {vocab}, {tokens} tokens, teacher entropy {float(entropy):.2f} nats, mean "
+          f"top-1 p {float(top1):.2f}; dense KL {float(dense):.4f}")
+    print(f"{'k':>4} {'logprobs':>8} {'bytes/token':>11} {'top-k mass':>10} {'sparse KL':>9} "
+          f"{'rel. error':>10} {'grad cos':>8}")
+    rows = []
+    for k in ks:
+        for dtype in (jnp.float32, jnp.bfloat16):
+            topk = jax.jit(lambda h, u, k=k, dtype=dtype: losses.topk_teacher(
+                h, u, k, None, chunk, logprob_dtype=dtype))(teacher_hidden, teacher_unembed)
+            sparse, grad = jax.jit(jax.value_and_grad(lambda h, topk: losses.sparse_token_kl(
+                h, student_unembed, topk, chunk_size=chunk)))(student_hidden, topk)
+            per_token = sum(topk[key].nbytes for key in losses.TOPK_KEYS) / tokens
+            mass = float(jnp.mean(1.0 - jnp.exp(topk["tail_logprob"])))
+            cos = float(jnp.vdot(grad, dense_grad) / (jnp.linalg.norm(grad)
+                                                      * jnp.linalg.norm(dense_grad)))
+            row = dict(k=k, dtype=jnp.dtype(dtype).name, bytes_per_token=per_token,
+                       topk_mass=mass, sparse_kl=float(sparse), dense_kl=float(dense),
+                       rel_error=abs(float(sparse) - float(dense)) / float(dense), grad_cos=cos)
+            rows.append(row)
+            print(f"{k:4d} {row['dtype']:>8} {per_token:11.0f} {mass:10.3f} {float(sparse):9.4f} "
+                  f"{row['rel_error']:10.3f} {cos:8.3f}")
+    print(f"bytes/token = k * (4 id + 4 or 2 log-prob) + 4 tail; dense logits would be "
+          f"{4 * vocab} (f32) per token")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -96,7 +151,11 @@ def main(argv=None):
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--dry-run", action="store_true", help="compile and report memory only")
+    parser.add_argument("--sparse-error", action="store_true",
+                        help="the top-k teacher's bytes per token and KL error instead")
     args = parser.parse_args(argv)
+    if args.sparse_error:
+        return sparse_error()
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
