@@ -9,7 +9,17 @@ import jax.numpy as jnp
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from jaxdistill.models.layers import Embed, Linear, RematPolicy, RMSNorm, Stack, attention, rope
+from jaxdistill.models.layers import (
+    Embed,
+    KVCache,
+    Linear,
+    RematPolicy,
+    RMSNorm,
+    Stack,
+    attention,
+    cached_attention,
+    rope,
+)
 from jaxdistill.parallel import constrain
 
 
@@ -84,7 +94,10 @@ class DecoderLayer(nnx.Module):
         self.up_proj = Linear(cfg.hidden, cfg.mlp, ("embed", "mlp"), **kw)
         self.down_proj = Linear(cfg.mlp, cfg.hidden, ("mlp", "embed"), **kw)
 
-    def __call__(self, x_BxTxD, positions_BxT, lengths_B, segment_ids_BxT):
+    def __call__(self, x_BxTxD, positions_BxT, lengths_B, segment_ids_BxT, *,
+                 cache: KVCache | None = None, cache_index=None, kv_mask_BxS=None):
+        """x after the layer; with `cache` ([B, S, K, H] slices), (x, updated cache): the T
+        new keys/values are written at slots cache_index.. and attention reads the cache."""
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         h_BxTxD = self.input_norm(x_BxTxD)
@@ -95,15 +108,27 @@ class DecoderLayer(nnx.Module):
             q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
         q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
         k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
-        attended_BxTxNxH = attention(
-            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, lengths_B=lengths_B, causal=True,
-            segment_ids_BxT=segment_ids_BxT, implementation=cfg.attention_impl,
-        )
+        if cache is None:
+            attended_BxTxNxH = attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, lengths_B=lengths_B, causal=True,
+                segment_ids_BxT=segment_ids_BxT, implementation=cfg.attention_impl,
+            )
+        else:
+            cache = KVCache(*(
+                jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), cache_index,
+                                                    axis=1)
+                for slots, new in ((cache.k, k_BxTxKxH), (cache.v, v_BxTxKxH))))
+            attended_BxTxNxH = cached_attention(
+                q_BxTxNxH, cache.k.astype(q_BxTxNxH.dtype), cache.v.astype(q_BxTxNxH.dtype),
+                kv_mask_BxS=kv_mask_BxS, first_slot=cache_index,
+                implementation=cfg.attention_impl,
+            )
         x_BxTxD = x_BxTxD + self.o_proj(attended_BxTxNxH.reshape(b, t, -1))
         h_BxTxD = self.post_attention_norm(x_BxTxD)
         mlp_BxTxF = jax.nn.silu(self.gate_proj(h_BxTxD)) * self.up_proj(h_BxTxD)
         mlp_BxTxF = constrain(mlp_BxTxF, ("batch", "seq", "mlp"))
-        return x_BxTxD + self.down_proj(mlp_BxTxF)
+        out_BxTxD = x_BxTxD + self.down_proj(mlp_BxTxF)
+        return out_BxTxD if cache is None else (out_BxTxD, cache)
 
 
 class Decoder(nnx.Module):
@@ -134,8 +159,17 @@ class Decoder(nnx.Module):
         segment_ids_BxT: jax.Array | None = None,
         positions_BxT: jax.Array | None = None,
         token_type_ids_BxT: jax.Array | None = None,
-    ) -> jax.Array:
-        """Final-norm hidden states [B, T, D] of right-padded (or packed) sequences."""
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int | None = None,
+        kv_mask_BxS: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Final-norm hidden states [B, T, D] of right-padded (or packed) sequences.
+
+        Incremental decoding (`jaxdistill.generate`): with a `cache`, the T tokens fill slots
+        cache_index..cache_index+T of every layer's keys/values; kv_mask_BxS marks the filled
+        (non-padding) slots, positions_BxT gives each token's RoPE position, and
+        attention_mask is not read. Returns (hidden, updated cache).
+        """
         del token_type_ids_BxT  # decoders have no segment embedding
         b, t = input_ids_BxT.shape
         # An all-padding row (a padded list slot) still attends to its first token: no NaNs.
@@ -143,6 +177,11 @@ class Decoder(nnx.Module):
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x_BxTxD = constrain(self.embed(input_ids_BxT), ("batch", "seq", "embed"))
+        if cache is not None:
+            x_BxTxD, cache = self.layers(x_BxTxD, positions_BxT, lengths_B, segment_ids_BxT,
+                                         cache=cache, cache_index=cache_index,
+                                         kv_mask_BxS=kv_mask_BxS)
+            return self.final_norm(x_BxTxD), cache
         x_BxTxD = self.layers(
             x_BxTxD, positions_BxT, lengths_B, segment_ids_BxT, remat=self.cfg.remat
         )
