@@ -98,7 +98,14 @@ def measure(variant: str, args, arrays, topk) -> dict:
 
 
 def sparse_error(ks=(8, 32, 128), vocab=32_000, tokens=1024, dim=256, logit_scale=5.5,
-                 chunk=128, seed=0) -> list[dict]:
+                 chunk=128, seed=0, noises=(0.5, 0.15)) -> list[dict]:
+    rows = []
+    for noise in noises:
+        rows += _sparse_error(ks, vocab, tokens, dim, logit_scale, chunk, seed, noise)
+    return rows
+
+
+def _sparse_error(ks, vocab, tokens, dim, logit_scale, chunk, seed, noise) -> list[dict]:
     rng = np.random.default_rng(seed)
 
     def normal(*shape, scale=1.0):
@@ -106,8 +113,8 @@ def sparse_error(ks=(8, 32, 128), vocab=32_000, tokens=1024, dim=256, logit_scal
 
     teacher_hidden = normal(1, tokens, dim)
     teacher_unembed = normal(dim, vocab, scale=logit_scale / dim**0.5)
-    student_hidden = teacher_hidden + normal(1, tokens, dim, scale=0.5)
-    student_unembed = teacher_unembed + normal(dim, vocab, scale=0.5 * logit_scale / dim**0.5)
+    student_hidden = teacher_hidden + normal(1, tokens, dim, scale=noise)
+    student_unembed = teacher_unembed + normal(dim, vocab, scale=noise * logit_scale / dim**0.5)
 
     @jax.jit
     def teacher_stats(h, u):
@@ -119,7 +126,7 @@ def sparse_error(ks=(8, 32, 128), vocab=32_000, tokens=1024, dim=256, logit_scal
         h, student_unembed, teacher_hidden, teacher_unembed, chunk_size=chunk)))
     dense, dense_grad = dense_fn(student_hidden)
     print(f"vocab {vocab}, {tokens} tokens, teacher entropy {float(entropy):.2f} nats, mean "
-          f"top-1 p {float(top1):.2f}; dense KL {float(dense):.4f}")
+          f"top-1 p {float(top1):.2f}; student noise {noise}: dense KL {float(dense):.4f}")
     print(f"{'k':>4} {'logprobs':>8} {'bytes/token':>11} {'top-k mass':>10} {'sparse KL':>9} "
           f"{'rel. error':>10} {'grad cos':>8}")
     rows = []
@@ -133,7 +140,7 @@ def sparse_error(ks=(8, 32, 128), vocab=32_000, tokens=1024, dim=256, logit_scal
             mass = float(jnp.mean(1.0 - jnp.exp(topk["tail_logprob"])))
             cos = float(jnp.vdot(grad, dense_grad) / (jnp.linalg.norm(grad)
                                                       * jnp.linalg.norm(dense_grad)))
-            row = dict(k=k, dtype=jnp.dtype(dtype).name, bytes_per_token=per_token,
+            row = dict(noise=noise, k=k, dtype=jnp.dtype(dtype).name, bytes_per_token=per_token,
                        topk_mass=mass, sparse_kl=float(sparse), dense_kl=float(dense),
                        rel_error=abs(float(sparse) - float(dense)) / float(dense), grad_cos=cos)
             rows.append(row)
