@@ -146,6 +146,10 @@ def generate(model: Functional, params: Params, prompt_ids_BxT, prompt_mask_BxT,
     if prompt_ids_BxT.ndim != 2 or prompt_mask_BxT.shape != prompt_ids_BxT.shape:
         raise ValueError(f"generate: prompt ids and mask must both be [B, T], got "
                          f"{tuple(prompt_ids_BxT.shape)} and {tuple(prompt_mask_BxT.shape)}")
+    if not isinstance(prompt_mask_BxT, jax.core.Tracer):
+        empty = [int(row) for row in jnp.flatnonzero(jnp.sum(prompt_mask_BxT, axis=-1) == 0)]
+        if empty:
+            raise ValueError(f"generate: prompt rows {empty} have no real token (mask all 0)")
     if temperature > 0 and rng is None:
         raise ValueError("generate: sampling (temperature > 0) needs an rng key")
     eos_ids = (eos_id,) if isinstance(eos_id, int) else tuple(int(e) for e in eos_id)
@@ -153,3 +157,39 @@ def generate(model: Functional, params: Params, prompt_ids_BxT, prompt_mask_BxT,
                        int(top_k), float(top_p))
     rng = jax.random.key(0) if rng is None else rng
     return program(params, prompt_ids_BxT.astype(jnp.int32), prompt_mask_BxT, rng)
+
+
+@jax.jit
+def _chat_batch(prompt_ids_BxT, prompt_mask_BxT, tokens_BxN, emitted_BxN):
+    ids_BxL = jnp.concatenate([prompt_ids_BxT.astype(jnp.int32), tokens_BxN], axis=1)
+    real_BxL = jnp.concatenate([prompt_mask_BxT, emitted_BxN], axis=1).astype(bool)
+    response_BxL = jnp.concatenate([jnp.zeros_like(prompt_mask_BxT), emitted_BxN], axis=1)
+    # A stable sort of "padding" moves each row's real tokens to the front, in order: the
+    # right-padded layout the training forward expects.
+    order_BxL = jnp.argsort(~real_BxL, axis=-1, stable=True)
+    take = lambda x: jnp.take_along_axis(x, order_BxL, axis=1)  # noqa: E731
+    real_BxL = take(real_BxL)
+    return {
+        "input_ids": jnp.where(real_BxL, take(ids_BxL), 0),
+        "attention_mask": real_BxL.astype(jnp.int32),
+        "loss_mask": take(response_BxL).astype(jnp.int32),
+    }
+
+
+def sample_responses(model: Functional, params: Params, prompt_ids_BxT, prompt_mask_BxT, *,
+                     max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int,
+                     rng: jax.Array, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0) -> dict[str, jax.Array]:
+    """On-policy data: the model's own responses to the prompts as a chat batch.
+
+    Returns {"input_ids", "attention_mask", "loss_mask"}, each [B, T + max_new_tokens] int32,
+    right-padded (prompt, then response, then padding with id 0 and masks 0) whatever the
+    prompts' padding; loss_mask is 1 on exactly the sampled tokens, up to and including EOS
+    (the `chat` record layout, so the fused step consumes it like prepared chat data).
+    """
+    tokens_BxN, emitted_BxN = generate(
+        model, params, prompt_ids_BxT, prompt_mask_BxT, max_new_tokens=max_new_tokens,
+        eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
+        rng=rng)
+    return _chat_batch(jnp.asarray(prompt_ids_BxT), jnp.asarray(prompt_mask_BxT), tokens_BxN,
+                       emitted_BxN)
