@@ -118,10 +118,11 @@ class DecoderLayer(nnx.Module):
                 jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), cache_index,
                                                     axis=1)
                 for slots, new in ((cache.k, k_BxTxKxH), (cache.v, v_BxTxKxH))))
+            # XLA's attention: a one-query decode step with an arbitrary slot mask is outside
+            # what the cuDNN kernel takes, and it is not where generation spends its time.
             attended_BxTxNxH = cached_attention(
                 q_BxTxNxH, cache.k.astype(q_BxTxNxH.dtype), cache.v.astype(q_BxTxNxH.dtype),
                 kv_mask_BxS=kv_mask_BxS, first_slot=cache_index,
-                implementation=cfg.attention_impl,
             )
         x_BxTxD = x_BxTxD + self.o_proj(attended_BxTxNxH.reshape(b, t, -1))
         h_BxTxD = self.post_attention_norm(x_BxTxD)
