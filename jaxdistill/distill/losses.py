@@ -645,7 +645,9 @@ def topk_teacher(hidden_BxTxD, unembed_DxV, k, mask_BxT=None, chunk_size=128, *,
     Returns {"topk_ids": [B, T, k] int32, "topk_logprobs": [B, T, k] (logprob_dtype),
     "tail_logprob": [B, T] f32 = log(1 - sum of the top-k probabilities)}, the distribution
     softened by `temperature` (train the student with the same one). Computed in sequence
-    chunks like `chunked_token_kl` (no [B, T, V] array); positions with mask 0 are zeros.
+    chunks like `chunked_token_kl` (no [B, T, V] array). Positions with mask 0 are not
+    stored: their ids are -1 (log-probs and tail 0), and `sparse_token_kl` leaves them out
+    whatever its own mask says, so a cache never passes padding off as a distribution.
     Bytes per token: k * (4 + itemsize(logprob_dtype)) + 4.
     """
     loss = "topk_teacher"
@@ -676,7 +678,7 @@ def topk_teacher(hidden_BxTxD, unembed_DxV, k, mask_BxT=None, chunk_size=128, *,
                                                       + x.shape[3:])[:, :seq_len]
     ids, logprobs, tail = unchunk(ids), unchunk(logprobs), unchunk(tail)
     return {
-        "topk_ids": jnp.where(keep_BxT[..., None], ids, 0),
+        "topk_ids": jnp.where(keep_BxT[..., None], ids, -1),
         "topk_logprobs": jnp.where(keep_BxT[..., None], logprobs, 0.0).astype(logprob_dtype),
         "tail_logprob": jnp.where(keep_BxT, tail, 0.0),
     }
@@ -714,7 +716,8 @@ def sparse_token_kl(student_hidden_BxTxD, student_unembed_DxV, teacher_topk, mas
                     *, temperature=1.0, chunk_size=128):
     """T**2 * KL(teacher || student) over k+1 buckets from a cached top-k teacher.
 
-    teacher_topk: `topk_teacher`'s output (made with the same temperature). The buckets are
+    teacher_topk: `topk_teacher`'s output (made with the same temperature); its unstored
+    positions (ids -1) do not count, whatever the mask. The buckets are
     the teacher's k tokens plus a tail: the student's tail is its total probability on every
     other token, matched to the teacher's tail mass. Exact when the teacher's tail is 0; else
     KL of the two distributions coarsened to the buckets (a lower bound on the dense KL).
@@ -727,7 +730,9 @@ def sparse_token_kl(student_hidden_BxTxD, student_unembed_DxV, teacher_topk, mas
         loss, student_hidden_BxTxD, student_unembed_DxV, "student")
     batch, seq_len = student_hidden_BxTxD.shape[:2]
     ids_BxTxK, logprobs_BxTxK, tail_BxT = _check_topk(loss, teacher_topk, batch, seq_len)
-    weight_BxT = _token_weights(loss, mask_BxT, batch, seq_len)
+    stored_BxT = ids_BxTxK[..., 0] >= 0
+    weight_BxT = jnp.where(stored_BxT, _token_weights(loss, mask_BxT, batch, seq_len), 0.0)
+    ids_BxTxK = jnp.maximum(ids_BxTxK, 0)  # unstored rows gather a real (unused) token
     vocab = student_unembed_DxV.shape[1]
 
     def bucket_kl(student_BxCxD, ids_BxCxK, logprobs_BxCxK, tail_BxC, student_unembed):

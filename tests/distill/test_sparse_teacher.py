@@ -46,8 +46,9 @@ def test_topk_teacher_matches_float64_reference():
                                rtol=1e-5, atol=1e-5)
     tail = np.log1p(-np.exp(top_log_p).sum(-1))
     np.testing.assert_allclose(np.asarray(topk["tail_logprob"])[mask], tail[mask], rtol=1e-4)
-    # Masked positions are zeros, so a cache does not depend on padding.
-    for key in L.TOPK_KEYS:
+    # Masked positions are not stored (ids -1, zeros), so a cache does not depend on padding.
+    assert np.all(np.asarray(topk["topk_ids"])[~mask] == -1)
+    for key in ("topk_logprobs", "tail_logprob"):
         assert np.all(np.asarray(topk[key])[~mask] == 0), key
     # bf16 log-probabilities: k * (4 + 2) + 4 bytes per token.
     small = L.topk_teacher(case["teacher_hidden"], case["teacher_unembed"], K, case["mask"],
@@ -91,6 +92,9 @@ def test_sparse_token_kl_is_the_tail_bucket_kl():
     # Coarsening to buckets can only lose divergence: below the dense KL.
     dense = L.chunked_token_kl(*case.values())
     assert 0 < float(value) < float(dense)
+    # Unstored positions never count, even where the loss's own mask would take them.
+    np.testing.assert_allclose(L.sparse_token_kl(case["student_hidden"], case["student_unembed"],
+                                                 topk, chunk_size=CHUNK), value, rtol=1e-6)
 
 
 def test_sparse_with_full_vocabulary_equals_dense_kl():
