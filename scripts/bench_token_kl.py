@@ -38,21 +38,25 @@ from jaxdistill.distill import losses
 PRESETS = {
     "cpu": dict(batch=2, seq=512, student_dim=256, teacher_dim=256, vocab=128_000, chunk=128,
                 k=32, dtype="float32", steps=3),
-    "gpu": dict(batch=16, seq=512, student_dim=1024, teacher_dim=2048, vocab=151_936, chunk=256,
+    "gpu": dict(batch=16, seq=512, student_dim=1024, teacher_dim=2048, vocab=151_936, chunk=64,
                 k=32, dtype="bfloat16", steps=10),
 }
 VARIANTS = ("dense", "chunked", "sparse")
 
 
 def inputs(args):
+    """Seeded random operands; with --dry-run, their shapes only (nothing allocated)."""
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
 
     def normal(*shape, scale=1.0):
+        if args.dry_run:
+            return jax.ShapeDtypeStruct(shape, dtype)
         return jnp.asarray(scale * rng.standard_normal(shape, np.float32), dtype)
 
     b, t, d, e, v = args.batch, args.seq, args.student_dim, args.teacher_dim, args.vocab
-    mask_BxT = jnp.asarray(rng.random((b, t)) < 0.8, jnp.float32)
+    mask_BxT = (jax.ShapeDtypeStruct((b, t), jnp.float32) if args.dry_run
+                else jnp.asarray(rng.random((b, t)) < 0.8, jnp.float32))
     return dict(student_hidden=normal(b, t, d), student_unembed=normal(d, v, scale=d**-0.5),
                 teacher_hidden=normal(b, t, e), teacher_unembed=normal(e, v, scale=e**-0.5),
                 mask=mask_BxT)
@@ -167,8 +171,9 @@ def main(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     arrays = inputs(args)
-    topk = jax.jit(lambda h, u, m: losses.topk_teacher(h, u, args.k, m, args.chunk))(
-        arrays["teacher_hidden"], arrays["teacher_unembed"], arrays["mask"])
+    make_topk = jax.jit(lambda h, u, m: losses.topk_teacher(h, u, args.k, m, args.chunk))
+    topk = (jax.eval_shape if args.dry_run else lambda f, *a: f(*a))(
+        make_topk, arrays["teacher_hidden"], arrays["teacher_unembed"], arrays["mask"])
     b, t, v, c = args.batch, args.seq, args.vocab, args.chunk
     print(f"device {jax.devices()[0].device_kind}; B={b} T={t} D={args.student_dim} "
           f"E={args.teacher_dim} V={v} chunk={c} k={args.k} {args.dtype}")
