@@ -506,6 +506,27 @@ def _chunk_logits(hidden_BxCxD, unembed_DxV):
     return constrain(logits_BxCxV, ("batch", "seq", "vocab"))
 
 
+def _chunk_count(seq_len, chunk_size):
+    """(chunk length, number of chunks); a short sequence is one chunk of its own length."""
+    chunk = min(chunk_size, seq_len) if seq_len > 0 else 1
+    return chunk, -(-seq_len // chunk)
+
+
+def _to_chunks(x_BxT___, chunk, num_chunks):
+    """[B, T, ...] -> [num_chunks, B, chunk, ...], T padded with zeros (scan's leading axis)."""
+    batch, seq_len = x_BxT___.shape[:2]
+    pad = num_chunks * chunk - seq_len
+    x_BxT___ = jnp.pad(x_BxT___, [(0, 0), (0, pad)] + [(0, 0)] * (x_BxT___.ndim - 2))
+    return jnp.swapaxes(x_BxT___.reshape((batch, num_chunks, chunk) + x_BxT___.shape[2:]), 0, 1)
+
+
+def _from_chunks(x_NxBxC___, seq_len):
+    """The inverse of `_to_chunks`: [num_chunks, B, chunk, ...] -> [B, seq_len, ...]."""
+    num_chunks, batch, chunk = x_NxBxC___.shape[:3]
+    x_BxT___ = jnp.swapaxes(x_NxBxC___, 0, 1)
+    return x_BxT___.reshape((batch, num_chunks * chunk) + x_BxT___.shape[3:])[:, :seq_len]
+
+
 def _chunked_token_sum(token_fn, per_token, weight_BxT, consts, chunk_size):
     """sum_{b,t} w[b,t] * token_fn(*chunk_of(per_token), *consts)[b, t], in sequence chunks.
 
@@ -514,16 +535,7 @@ def _chunked_token_sum(token_fn, per_token, weight_BxT, consts, chunk_size):
     The body is under `jax.checkpoint`: the backward pass recomputes a chunk's logits
     instead of keeping every chunk's (O(B*C*V) peak, not O(B*T*V)).
     """
-    batch, seq_len = weight_BxT.shape
-    chunk = min(chunk_size, seq_len) if seq_len > 0 else 1  # no padding a short sequence
-    num_chunks = -(-seq_len // chunk)
-    pad = num_chunks * chunk - seq_len
-
-    def to_chunks(x_BxT___):
-        # [B, T, ...] -> [num_chunks, B, chunk, ...]: scan runs over the leading axis.
-        x_BxT___ = jnp.pad(x_BxT___, [(0, 0), (0, pad)] + [(0, 0)] * (x_BxT___.ndim - 2))
-        x = x_BxT___.reshape((batch, num_chunks, chunk) + x_BxT___.shape[2:])
-        return jnp.swapaxes(x, 0, 1)
+    chunk, num_chunks = _chunk_count(weight_BxT.shape[1], chunk_size)
 
     @jax.checkpoint
     def chunk_sum(weight_BxC, chunk_arrays, consts):
@@ -534,8 +546,9 @@ def _chunked_token_sum(token_fn, per_token, weight_BxT, consts, chunk_size):
         weight_BxC, chunk_arrays = xs
         return total + chunk_sum(weight_BxC, chunk_arrays, consts), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), _F32),
-                            (to_chunks(weight_BxT), tuple(to_chunks(x) for x in per_token)))
+    chunked = (_to_chunks(weight_BxT, chunk, num_chunks),
+               tuple(_to_chunks(x, chunk, num_chunks) for x in per_token))
+    total, _ = jax.lax.scan(body, jnp.zeros((), _F32), chunked)
     return total
 
 
@@ -659,12 +672,8 @@ def topk_teacher(hidden_BxTxD, unembed_DxV, k, mask_BxT=None, chunk_size=128, *,
         raise ValueError(f"{loss}: k must be an int in [1, vocabulary {vocab}], got {k!r}")
     batch, seq_len = hidden_BxTxD.shape[:2]
     keep_BxT = _token_weights(loss, mask_BxT, batch, seq_len) != 0
-    chunk = min(chunk_size, seq_len) if seq_len > 0 else 1
-    num_chunks = -(-seq_len // chunk)
-    pad = num_chunks * chunk - seq_len
-    hidden_NxBxCxD = jnp.swapaxes(
-        jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(
-            batch, num_chunks, chunk, -1), 0, 1)
+    chunk, num_chunks = _chunk_count(seq_len, chunk_size)
+    hidden_NxBxCxD = _to_chunks(jax.lax.stop_gradient(hidden_BxTxD), chunk, num_chunks)
 
     def one_chunk(hidden_BxCxD):
         log_p_BxCxV = _softened_log_probs(_chunk_logits(hidden_BxCxD, unembed_DxV),
@@ -673,10 +682,8 @@ def topk_teacher(hidden_BxTxD, unembed_DxV, k, mask_BxT=None, chunk_size=128, *,
         tail_BxC = _log_mass_outside(log_p_BxCxV, _topk_member_mask(ids_BxCxK, vocab))
         return ids_BxCxK.astype(jnp.int32), logprobs_BxCxK, tail_BxC
 
-    ids, logprobs, tail = jax.lax.map(one_chunk, jax.lax.stop_gradient(hidden_NxBxCxD))
-    unchunk = lambda x: jnp.swapaxes(x, 0, 1).reshape((batch, num_chunks * chunk)  # noqa: E731
-                                                      + x.shape[3:])[:, :seq_len]
-    ids, logprobs, tail = unchunk(ids), unchunk(logprobs), unchunk(tail)
+    ids, logprobs, tail = (_from_chunks(x, seq_len)
+                           for x in jax.lax.map(one_chunk, hidden_NxBxCxD))
     return {
         "topk_ids": jnp.where(keep_BxT[..., None], ids, -1),
         "topk_logprobs": jnp.where(keep_BxT[..., None], logprobs, 0.0).astype(logprob_dtype),

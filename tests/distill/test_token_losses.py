@@ -1,4 +1,4 @@
-"""Token-level losses: chunked == dense (also vocabulary-sharded), bounded memory, teacher mixing."""
+"""Token-level losses: chunked == dense (also vocab-sharded), bounded memory, teacher mixing."""
 
 import math
 
