@@ -214,3 +214,19 @@ def test_sample_responses_loss_mask_covers_the_sampled_tokens_up_to_eos():
                                       [1] * (len(prompt) + len(response)) + [0] * pad)
         np.testing.assert_array_equal(batch["loss_mask"][row],
                                       [0] * len(prompt) + [1] * len(response) + [0] * pad)
+
+
+def test_full_size_generation_traces_with_the_expected_shapes():
+    # Qwen3-0.6B shapes, abstractly (jax.eval_shape: nothing allocated or compiled).
+    from jaxdistill.models.decoder import qwen3_0_6b
+    from jaxdistill.models.model import ModelConfig
+
+    model = functional(ModelConfig(backbone=qwen3_0_6b(), heads={"lm": {"type": "lm"}}))
+    prompt = jax.ShapeDtypeStruct((4, 128), jnp.int32)
+    tokens, emitted = jax.eval_shape(
+        lambda params, ids, mask: generate(model, params, ids, mask, max_new_tokens=64,
+                                           eos_id=(1, 2), pad_id=0, temperature=0.7, top_p=0.9,
+                                           rng=jax.random.key(0)),
+        model.shapes, prompt, prompt)
+    assert (tokens.shape, tokens.dtype) == ((4, 64), jnp.int32)
+    assert (emitted.shape, emitted.dtype) == ((4, 64), jnp.int32)
