@@ -530,26 +530,70 @@ def _from_chunks(x_NxBxC___, seq_len):
 def _chunked_token_sum(token_fn, per_token, weight_BxT, consts, chunk_size):
     """sum_{b,t} w[b,t] * token_fn(*chunk_of(per_token), *consts)[b, t], in sequence chunks.
 
-    per_token: arrays [B, T, ...]; the sequence is padded up to whole chunks (weight 0) and
-    `jax.lax.scan` walks the chunks, so only one chunk's [B, C, V] logits exist at a time.
-    The body is under `jax.checkpoint`: the backward pass recomputes a chunk's logits
-    instead of keeping every chunk's (O(B*C*V) peak, not O(B*T*V)).
+    per_token: arrays [B, T, ...]; consts: arrays every chunk sees whole (unembeddings). The
+    student's are per_token[0] (hidden states) and consts[0] (its unembedding); only they
+    get a gradient, the others are frozen teacher inputs, ids, log-probs.
+
+    The sequence is padded up to whole chunks (weight 0) and `jax.lax.scan` walks the
+    chunks, so only one chunk's [B, C, V] logits exist at a time, forward or backward. Under
+    differentiation each chunk's gradient w.r.t. the student's hidden states and
+    unembedding is computed in the same pass as its value (a custom VJP, as fused
+    linear-cross-entropy kernels do): the backward pass only scales the stored [B, T, D]
+    and [D, V] gradients, so nothing is recomputed and no chunk's logits are kept.
     """
     chunk, num_chunks = _chunk_count(weight_BxT.shape[1], chunk_size)
 
-    @jax.checkpoint
-    def chunk_sum(weight_BxC, chunk_arrays, consts):
-        value_BxC = token_fn(*chunk_arrays, *consts)
+    def chunk_value(hidden_BxCxD, unembed_DxV, weight_BxC, frozen_chunk, frozen_consts):
+        value_BxC = token_fn(hidden_BxCxD, *frozen_chunk, unembed_DxV, *frozen_consts)
         return jnp.sum(jnp.where(weight_BxC != 0, value_BxC * weight_BxC, 0.0))
 
-    def body(total, xs):
-        weight_BxC, chunk_arrays = xs
-        return total + chunk_sum(weight_BxC, chunk_arrays, consts), None
+    def scan(hidden_BxTxD, unembed_DxV, weight_BxT, frozen_per_token, frozen_consts, grads):
+        xs = (_to_chunks(weight_BxT, chunk, num_chunks),
+              _to_chunks(hidden_BxTxD, chunk, num_chunks),
+              tuple(_to_chunks(x, chunk, num_chunks) for x in frozen_per_token))
 
-    chunked = (_to_chunks(weight_BxT, chunk, num_chunks),
-               tuple(_to_chunks(x, chunk, num_chunks) for x in per_token))
-    total, _ = jax.lax.scan(body, jnp.zeros((), _F32), chunked)
-    return total
+        def body(carry, xs):
+            total, grad_unembed_DxV = carry
+            weight_BxC, hidden_BxCxD, frozen_chunk = xs
+            value_of = lambda h, u: chunk_value(h, u, weight_BxC, frozen_chunk,  # noqa: E731
+                                                frozen_consts)
+            if not grads:
+                return (total + value_of(hidden_BxCxD, unembed_DxV), grad_unembed_DxV), None
+            value, vjp = jax.vjp(value_of, hidden_BxCxD, unembed_DxV)
+            grad_hidden_BxCxD, grad_unembed = vjp(jnp.ones((), _F32))
+            grad_unembed_DxV = grad_unembed_DxV + grad_unembed.astype(_F32)
+            return (total + value, grad_unembed_DxV), grad_hidden_BxCxD
+
+        # The unembedding's gradient accumulates in f32 (bf16 sums over chunks would drift).
+        grad_unembed_DxV = jnp.zeros(unembed_DxV.shape, _F32) if grads else None
+        (total, grad_unembed_DxV), grad_hidden = jax.lax.scan(
+            body, (jnp.zeros((), _F32), grad_unembed_DxV), xs)
+        if not grads:
+            return total
+        return total, _from_chunks(grad_hidden, hidden_BxTxD.shape[1]), grad_unembed_DxV
+
+    @jax.custom_vjp
+    def total_of(hidden_BxTxD, unembed_DxV, weight_BxT, frozen_per_token, frozen_consts):
+        return scan(hidden_BxTxD, unembed_DxV, weight_BxT, frozen_per_token, frozen_consts,
+                    grads=False)
+
+    def forward(hidden_BxTxD, unembed_DxV, weight_BxT, frozen_per_token, frozen_consts):
+        total, grad_hidden_BxTxD, grad_unembed_DxV = scan(
+            hidden_BxTxD, unembed_DxV, weight_BxT, frozen_per_token, frozen_consts, grads=True)
+        grad_unembed_DxV = constrain(grad_unembed_DxV, (None, "vocab"))
+        return total, (grad_hidden_BxTxD, grad_unembed_DxV)
+
+    unembed_dtype = jnp.asarray(consts[0]).dtype
+
+    def backward(residuals, cotangent):
+        grad_hidden_BxTxD, grad_unembed_DxV = residuals
+        # Masks, frozen inputs and teachers get no gradient (None: zeros of any dtype).
+        return ((cotangent * grad_hidden_BxTxD).astype(grad_hidden_BxTxD.dtype),
+                (cotangent * grad_unembed_DxV).astype(unembed_dtype), None, None, None)
+
+    total_of.defvjp(forward, backward)
+    return total_of(per_token[0], consts[0], weight_BxT, tuple(per_token[1:]),
+                    tuple(consts[1:]))
 
 
 def _divergence_rows(kind, log_t_xC, log_s_xC, beta):

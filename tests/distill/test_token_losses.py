@@ -230,3 +230,22 @@ def test_token_term_validation():
 def test_next_token_mask():
     np.testing.assert_array_equal(L.next_token_mask(jnp.array([[0, 0, 1, 1, 0]])),
                                   [[0, 1, 1, 0, 0]])
+
+
+def test_gradients_reach_the_student_only_in_its_dtypes():
+    case = _case(2)
+    args = [case[k] for k in ("student_hidden", "student_unembed", "teacher_hidden",
+                              "teacher_unembed")]
+
+    @jax.jit
+    def grads(*args):
+        def loss(*args):
+            return L.chunked_token_kl(*args, case["mask"], chunk_size=CHUNK)
+        bf16 = [a.astype(jnp.bfloat16) for a in args]
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(*args), jax.grad(loss, argnums=(0, 1))(*bf16)
+
+    (g_sh, g_su, g_th, g_tu), (b_sh, b_su) = grads(*args)
+    assert float(jnp.abs(g_sh).max()) > 0 and float(jnp.abs(g_su).max()) > 0
+    assert np.all(np.asarray(g_th) == 0) and np.all(np.asarray(g_tu) == 0)  # frozen teacher
+    assert b_sh.dtype == jnp.bfloat16 and b_su.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(b_su, np.float32), g_su, rtol=0.1, atol=2e-3)
