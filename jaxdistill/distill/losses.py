@@ -19,23 +19,29 @@ Conventions shared by every loss here:
   2015, "Distilling the knowledge in a neural network", sec. 2), so the T**2 factor keeps
   the gradient magnitude independent of T and lets T be tuned without retuning the
   loss weight.
-* Only `token_kl` puts the teacher under `stop_gradient` (its teacher weights are
-  arguments). The other losses are plain functions of their inputs; teachers are frozen
-  by the trainer, not here.
+* Only the token-level losses put the teacher under `stop_gradient` (its teacher weights
+  are arguments). The other losses are plain functions of their inputs; teachers are
+  frozen by the trainer, not here.
+* Token-level losses take (hidden [B, T, D], unembedding [D, V]) pairs and compute logits
+  in sequence chunks (`_chunked_token_sum`), so no [B, T, V] array ever exists; each
+  chunk's vocabulary axis is constrained to the `vocab` logical axis.
 * Hyper-parameters are validated on entry (ValueError naming the argument, what was
   expected and what was found); a hyper-parameter that is a JAX tracer (a schedule
   under jit) is not value-checked. `check_hparams` runs the same checks at config load.
 
-This module imports nothing but jax (and the standard library).
+This module imports nothing but jax, the standard library and `jaxdistill.parallel` (for
+the logical-axis sharding constraint; itself jax and numpy only).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import dataclasses
 import inspect
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+
+from jaxdistill.parallel import constrain
 
 _F32 = jnp.float32
 
@@ -84,7 +90,7 @@ def _check_chunk_size(loss: str, chunk_size) -> None:
         raise ValueError(f"{loss}: chunk_size must be an int >= 1, got {chunk_size!r}")
 
 
-_TOKEN_KL_KINDS = ("forward", "reverse")
+_TOKEN_KL_KINDS = ("forward", "reverse", "jsd")
 
 
 def _check_kind(loss: str, kind) -> None:
@@ -234,23 +240,8 @@ def generalized_jsd(student_logits_xC, teacher_logits_xC, mask=None, *, beta=0.5
     _check_temperature("generalized_jsd", temperature)
     student_logits_xC, teacher_logits_xC, weight_x = _logit_pair(
         "generalized_jsd", student_logits_xC, teacher_logits_xC, mask)
-    log_t_xC = _softened_log_probs(teacher_logits_xC, temperature)
-    log_s_xC = _softened_log_probs(student_logits_xC, temperature)
-    if _is_tracer(beta):
-        beta = jnp.asarray(beta, _F32)
-        # Keep the interior formula's beta strictly inside (0, 1) so the unselected branch
-        # of the `where` never evaluates log(0) and poisons the gradient.
-        inner_beta = jnp.clip(beta, 1e-6, 1.0 - 1e-6)
-        div_x = jnp.where(
-            beta == 0.0, _kl_rows(log_t_xC, log_s_xC),
-            jnp.where(beta == 1.0, _kl_rows(log_s_xC, log_t_xC),
-                      _jsd_rows(log_t_xC, log_s_xC, inner_beta)))
-    elif float(beta) == 0.0:
-        div_x = _kl_rows(log_t_xC, log_s_xC)
-    elif float(beta) == 1.0:
-        div_x = _kl_rows(log_s_xC, log_t_xC)
-    else:
-        div_x = _jsd_rows(log_t_xC, log_s_xC, float(beta))
+    div_x = _divergence_rows("jsd", _softened_log_probs(teacher_logits_xC, temperature),
+                             _softened_log_probs(student_logits_xC, temperature), beta)
     return _masked_mean(div_x * temperature**2, weight_x)
 
 
@@ -457,107 +448,429 @@ def hidden_cosine(student_hidden_xDs, teacher_hidden_xDt, mask=None, *,
     return _masked_mean(1.0 - cosine_x, weight_x)
 
 
-# ------------------------------------------------------------------ token-level KL
+# ------------------------------------------------------------------ token-level
 
 
-def chunked_token_kl(student_hidden_BxTxD, student_unembed_DxV, teacher_hidden_BxTxE,
-                     teacher_unembed_ExV, mask_BxT=None, *, temperature=1.0,
-                     chunk_size=128, kind="forward", vocab_size=None):
-    """Token-level T**2 * KL for chat distillation, never materialising [B, T, V] logits.
+def _check_token_pair(loss, hidden_BxTxD, unembed_DxV, side: str):
+    hidden_BxTxD, unembed_DxV = jnp.asarray(hidden_BxTxD), jnp.asarray(unembed_DxV)
+    if hidden_BxTxD.ndim != 3:
+        raise ValueError(f"{loss}: {side}_hidden must be [B, T, D], got shape "
+                         f"{tuple(hidden_BxTxD.shape)}")
+    if unembed_DxV.ndim != 2 or unembed_DxV.shape[0] != hidden_BxTxD.shape[-1]:
+        raise ValueError(
+            f"{loss}: {side}_unembed must be [{hidden_BxTxD.shape[-1]}, V] to match "
+            f"{side}_hidden's width {hidden_BxTxD.shape[-1]}, got shape "
+            f"{tuple(unembed_DxV.shape)}")
+    return hidden_BxTxD, unembed_DxV
 
-    The sequence is cut into chunks of `chunk_size` tokens (T padded up with mask 0) and
-    `jax.lax.scan` computes both models' logits one [B, chunk, V] block at a time. The
-    chunk body is wrapped in `jax.checkpoint`, so the backward pass recomputes a chunk's
-    logits instead of storing all of them: peak memory is O(B * chunk * V), not
-    O(B * T * V). The teacher side is under `stop_gradient`.
 
-    kind: "forward" is KL(teacher || student), "reverse" is KL(student || teacher).
-    vocab_size: use only the first `vocab_size` unembedding columns of both models (the
-      shared real vocabulary when embedding tables are padded to a round size).
-    Logits are accumulated in float32 from bf16 inputs without an f32 copy of the
-    unembedding. Mean over valid tokens; T**2 as in `forward_kl`.
-    """
-    loss = "chunked_token_kl"
-    _check_temperature(loss, temperature)
-    _check_chunk_size(loss, chunk_size)
-    _check_kind(loss, kind)
-    _check_vocab_size(loss, vocab_size)
-    student_hidden_BxTxD = jnp.asarray(student_hidden_BxTxD)
-    teacher_hidden_BxTxE = jnp.asarray(teacher_hidden_BxTxE)
-    student_unembed_DxV = jnp.asarray(student_unembed_DxV)
-    teacher_unembed_ExV = jnp.asarray(teacher_unembed_ExV)
-    if student_hidden_BxTxD.ndim != 3:
-        raise ValueError(f"{loss}: student_hidden must be [B, T, D], got shape "
-                         f"{tuple(student_hidden_BxTxD.shape)}")
-    if teacher_hidden_BxTxE.ndim != 3 or (
-        teacher_hidden_BxTxE.shape[:2] != student_hidden_BxTxD.shape[:2]):
+def _check_teacher_tokens(loss, student_hidden_BxTxD, teacher_hidden_BxTxE):
+    if teacher_hidden_BxTxE.shape[:2] != student_hidden_BxTxD.shape[:2]:
         raise ValueError(
             f"{loss}: teacher_hidden must be [B, T, E] with the student's [B, T] = "
             f"{tuple(student_hidden_BxTxD.shape[:2])}, got shape "
             f"{tuple(teacher_hidden_BxTxE.shape)}")
-    for name, hidden, unembed in (
-        ("student", student_hidden_BxTxD, student_unembed_DxV),
-        ("teacher", teacher_hidden_BxTxE, teacher_unembed_ExV)):
-        if unembed.ndim != 2 or unembed.shape[0] != hidden.shape[-1]:
-            raise ValueError(
-                f"{loss}: {name}_unembed must be [{hidden.shape[-1]}, V] to match "
-                f"{name}_hidden's width {hidden.shape[-1]}, got shape {tuple(unembed.shape)}")
+
+
+def _shared_vocab(loss, student_unembed_DxV, teacher_unembed_ExV, vocab_size):
+    """Both unembeddings cut to one vocabulary; a mismatch without `vocab_size` is refused."""
     vocab_s, vocab_t = student_unembed_DxV.shape[1], teacher_unembed_ExV.shape[1]
     if vocab_size is None:
         if vocab_s != vocab_t:
             raise ValueError(
                 f"{loss}: student vocabulary {vocab_s} != teacher vocabulary {vocab_t}; pass "
-                f"vocab_size=<shared real vocabulary> to compare the first columns only")
-    else:
-        if vocab_size > min(vocab_s, vocab_t):
-            raise ValueError(
-                f"{loss}: vocab_size {vocab_size} exceeds an unembedding width (student "
-                f"{vocab_s}, teacher {vocab_t})")
-        student_unembed_DxV = student_unembed_DxV[:, :vocab_size]
-        teacher_unembed_ExV = teacher_unembed_ExV[:, :vocab_size]
-    batch, seq_len = student_hidden_BxTxD.shape[:2]
+                f"vocab_size=<shared real vocabulary> to compare the first columns only, or "
+                f"use a cross-tokenizer loss ('uld')")
+        return student_unembed_DxV, teacher_unembed_ExV
+    if vocab_size > min(vocab_s, vocab_t):
+        raise ValueError(
+            f"{loss}: vocab_size {vocab_size} exceeds an unembedding width (student "
+            f"{vocab_s}, teacher {vocab_t})")
+    return student_unembed_DxV[:, :vocab_size], teacher_unembed_ExV[:, :vocab_size]
+
+
+def _token_weights(loss, mask_BxT, batch, seq_len):
     weight_BxT = _check_mask(loss, mask_BxT, (batch, seq_len), "[B, T] of the hidden states")
-    if weight_BxT is None:
-        weight_BxT = jnp.ones((batch, seq_len), _F32)
-    teacher_unembed_ExV = jax.lax.stop_gradient(teacher_unembed_ExV)
-    teacher_hidden_BxTxE = jax.lax.stop_gradient(teacher_hidden_BxTxE)
+    return jnp.ones((batch, seq_len), _F32) if weight_BxT is None else weight_BxT
 
-    # No point padding a short sequence up to a long default chunk.
+
+def _chunk_logits(hidden_BxCxD, unembed_DxV):
+    """One chunk's f32 logits, vocabulary axis on the `vocab` mesh axis.
+
+    Accumulated in float32 from bf16 operands (no f32 copy of the unembedding). Under
+    `parallel.activation_rules` with vocab -> tensor, no device holds a whole [B, C, V]
+    block; softmax statistics become small all-reduces over the vocabulary shards.
+    """
+    logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD, unembed_DxV,
+                              preferred_element_type=_F32)
+    return constrain(logits_BxCxV, ("batch", "seq", "vocab"))
+
+
+def _chunk_count(seq_len, chunk_size):
+    """(chunk length, number of chunks); a short sequence is one chunk of its own length."""
     chunk = min(chunk_size, seq_len) if seq_len > 0 else 1
-    num_chunks = -(-seq_len // chunk)
+    return chunk, -(-seq_len // chunk)
+
+
+def _to_chunks(x_BxT___, chunk, num_chunks):
+    """[B, T, ...] -> [num_chunks, B, chunk, ...], T padded with zeros (scan's leading axis)."""
+    batch, seq_len = x_BxT___.shape[:2]
     pad = num_chunks * chunk - seq_len
+    x_BxT___ = jnp.pad(x_BxT___, [(0, 0), (0, pad)] + [(0, 0)] * (x_BxT___.ndim - 2))
+    return jnp.swapaxes(x_BxT___.reshape((batch, num_chunks, chunk) + x_BxT___.shape[2:]), 0, 1)
 
-    def to_chunks(x_BxT___):
-        # [B, T, ...] -> [num_chunks, B, chunk, ...]: scan runs over the leading axis.
-        widths = [(0, 0), (0, pad)] + [(0, 0)] * (x_BxT___.ndim - 2)
-        x_BxT___ = jnp.pad(x_BxT___, widths)
-        x = x_BxT___.reshape((batch, num_chunks, chunk) + x_BxT___.shape[2:])
-        return jnp.swapaxes(x, 0, 1)
 
-    @jax.checkpoint
-    def chunk_kl_sum(student_BxCxD, teacher_BxCxE, weight_BxC, student_unembed,
-                     teacher_unembed):
-        student_logits_BxCxV = jnp.einsum(
-            "bcd,dv->bcv", student_BxCxD, student_unembed, preferred_element_type=_F32)
-        teacher_logits_BxCxV = jnp.einsum(
-            "bce,ev->bcv", teacher_BxCxE, teacher_unembed, preferred_element_type=_F32)
-        log_s = _softened_log_probs(student_logits_BxCxV, temperature)
-        log_t = _softened_log_probs(teacher_logits_BxCxV, temperature)
-        kl_BxC = _kl_rows(log_t, log_s) if kind == "forward" else _kl_rows(log_s, log_t)
-        return jnp.sum(jnp.where(weight_BxC != 0, kl_BxC * weight_BxC, 0.0))
+def _from_chunks(x_NxBxC___, seq_len):
+    """The inverse of `_to_chunks`: [num_chunks, B, chunk, ...] -> [B, seq_len, ...]."""
+    num_chunks, batch, chunk = x_NxBxC___.shape[:3]
+    x_BxT___ = jnp.swapaxes(x_NxBxC___, 0, 1)
+    return x_BxT___.reshape((batch, num_chunks * chunk) + x_BxT___.shape[3:])[:, :seq_len]
 
-    def body(total, chunk_inputs):
-        student_BxCxD, teacher_BxCxE, weight_BxC = chunk_inputs
-        kl_sum = chunk_kl_sum(student_BxCxD, teacher_BxCxE, weight_BxC, student_unembed_DxV,
-                              teacher_unembed_ExV)
-        return total + kl_sum, None
 
-    total, _ = jax.lax.scan(
-        body, jnp.zeros((), _F32),
-        (to_chunks(student_hidden_BxTxD), to_chunks(teacher_hidden_BxTxE),
-         to_chunks(weight_BxT)))
-    count = jnp.sum(weight_BxT)
-    return total * temperature**2 / jnp.maximum(count, 1.0)
+def _chunked_token_sum(token_fn, per_token, weight_BxT, consts, chunk_size):
+    """sum_{b,t} w[b,t] * token_fn(*chunk_of(per_token), *consts)[b, t], in sequence chunks.
+
+    per_token: arrays [B, T, ...]; consts: arrays every chunk sees whole (unembeddings). The
+    student's are per_token[0] (hidden states) and consts[0] (its unembedding); only they
+    get a gradient, the others are frozen teacher inputs, ids, log-probs.
+
+    The sequence is padded up to whole chunks (weight 0) and `jax.lax.scan` walks the
+    chunks, so only one chunk's [B, C, V] logits exist at a time, forward or backward. Under
+    differentiation each chunk's gradient w.r.t. the student's hidden states and
+    unembedding is computed in the same pass as its value (a custom VJP, as fused
+    linear-cross-entropy kernels do): the backward pass only scales the stored [B, T, D]
+    and [D, V] gradients, so nothing is recomputed and no chunk's logits are kept.
+    """
+    chunk, num_chunks = _chunk_count(weight_BxT.shape[1], chunk_size)
+
+    def chunk_value(hidden_BxCxD, unembed_DxV, weight_BxC, frozen_chunk, frozen_consts):
+        value_BxC = token_fn(hidden_BxCxD, *frozen_chunk, unembed_DxV, *frozen_consts)
+        return jnp.sum(jnp.where(weight_BxC != 0, value_BxC * weight_BxC, 0.0))
+
+    def scan(hidden_BxTxD, unembed_DxV, weight_BxT, frozen_per_token, frozen_consts, grads):
+        xs = (_to_chunks(weight_BxT, chunk, num_chunks),
+              _to_chunks(hidden_BxTxD, chunk, num_chunks),
+              tuple(_to_chunks(x, chunk, num_chunks) for x in frozen_per_token))
+
+        def body(carry, xs):
+            total, grad_unembed_DxV = carry
+            weight_BxC, hidden_BxCxD, frozen_chunk = xs
+            value_of = lambda h, u: chunk_value(h, u, weight_BxC, frozen_chunk,  # noqa: E731
+                                                frozen_consts)
+            if not grads:
+                return (total + value_of(hidden_BxCxD, unembed_DxV), grad_unembed_DxV), None
+            value, vjp = jax.vjp(value_of, hidden_BxCxD, unembed_DxV)
+            grad_hidden_BxCxD, grad_unembed = vjp(jnp.ones((), _F32))
+            grad_unembed_DxV = grad_unembed_DxV + grad_unembed.astype(_F32)
+            return (total + value, grad_unembed_DxV), grad_hidden_BxCxD
+
+        # The unembedding's gradient accumulates in f32 (bf16 sums over chunks would drift).
+        grad_unembed_DxV = jnp.zeros(unembed_DxV.shape, _F32) if grads else None
+        (total, grad_unembed_DxV), grad_hidden = jax.lax.scan(
+            body, (jnp.zeros((), _F32), grad_unembed_DxV), xs)
+        if not grads:
+            return total
+        return total, _from_chunks(grad_hidden, hidden_BxTxD.shape[1]), grad_unembed_DxV
+
+    @jax.custom_vjp
+    def total_of(hidden_BxTxD, unembed_DxV, weight_BxT, frozen_per_token, frozen_consts):
+        return scan(hidden_BxTxD, unembed_DxV, weight_BxT, frozen_per_token, frozen_consts,
+                    grads=False)
+
+    def forward(hidden_BxTxD, unembed_DxV, weight_BxT, frozen_per_token, frozen_consts):
+        total, grad_hidden_BxTxD, grad_unembed_DxV = scan(
+            hidden_BxTxD, unembed_DxV, weight_BxT, frozen_per_token, frozen_consts, grads=True)
+        grad_unembed_DxV = constrain(grad_unembed_DxV, (None, "vocab"))
+        return total, (grad_hidden_BxTxD, grad_unembed_DxV)
+
+    unembed_dtype = jnp.asarray(consts[0]).dtype
+
+    def backward(residuals, cotangent):
+        grad_hidden_BxTxD, grad_unembed_DxV = residuals
+        # Masks, frozen inputs and teachers get no gradient (None: zeros of any dtype).
+        return ((cotangent * grad_hidden_BxTxD).astype(grad_hidden_BxTxD.dtype),
+                (cotangent * grad_unembed_DxV).astype(unembed_dtype), None, None, None)
+
+    total_of.defvjp(forward, backward)
+    return total_of(per_token[0], consts[0], weight_BxT, tuple(per_token[1:]),
+                    tuple(consts[1:]))
+
+
+def _divergence_rows(kind, log_t_xC, log_s_xC, beta):
+    """Per-row forward KL(t||s), reverse KL(s||t) or generalised JSD(beta) (see below)."""
+    if kind == "forward":
+        return _kl_rows(log_t_xC, log_s_xC)
+    if kind == "reverse":
+        return _kl_rows(log_s_xC, log_t_xC)
+    if _is_tracer(beta):
+        beta = jnp.asarray(beta, _F32)
+        # Keep the interior formula's beta strictly inside (0, 1) so the unselected branch
+        # of the `where` never evaluates log(0) and poisons the gradient.
+        inner_beta = jnp.clip(beta, 1e-6, 1.0 - 1e-6)
+        return jnp.where(
+            beta == 0.0, _kl_rows(log_t_xC, log_s_xC),
+            jnp.where(beta == 1.0, _kl_rows(log_s_xC, log_t_xC),
+                      _jsd_rows(log_t_xC, log_s_xC, inner_beta)))
+    if float(beta) == 0.0:
+        return _kl_rows(log_t_xC, log_s_xC)
+    if float(beta) == 1.0:
+        return _kl_rows(log_s_xC, log_t_xC)
+    return _jsd_rows(log_t_xC, log_s_xC, float(beta))
+
+
+def chunked_token_kl(student_hidden_BxTxD, student_unembed_DxV, teacher_hidden_BxTxE,
+                     teacher_unembed_ExV, mask_BxT=None, *, temperature=1.0,
+                     chunk_size=128, kind="forward", beta=0.5, vocab_size=None):
+    """Token-level T**2 * divergence for chat distillation, never materialising [B, T, V].
+
+    kind: "forward" is KL(teacher || student), "reverse" is KL(student || teacher), "jsd"
+      the generalised JSD of `generalized_jsd` with its `beta` (and its endpoint
+      convention: beta=0 is forward KL, beta=1 reverse KL).
+    mask_BxT: the tokens that count (the response: prompt and padding 0); other non-negative
+      values weigh tokens. Position t's distribution predicts token t+1, so the mask marks
+      positions whose *next* token is a response token (`next_token_mask(loss_mask)`).
+    vocab_size: use only the first `vocab_size` unembedding columns of both models (the
+      shared real vocabulary when embedding tables are padded to a round size).
+
+    Both models' logits are computed one [B, chunk_size, V] block at a time (see
+    `_chunked_token_sum`), vocabulary axis constrained to the `vocab` logical axis. The
+    teacher side is under `stop_gradient`. Mean over valid tokens; T**2 is applied to each
+    token's divergence, as in `forward_kl`.
+    """
+    loss = "chunked_token_kl"
+    _check_temperature(loss, temperature)
+    _check_chunk_size(loss, chunk_size)
+    _check_kind(loss, kind)
+    _check_beta(loss, beta)
+    _check_vocab_size(loss, vocab_size)
+    student_hidden_BxTxD, student_unembed_DxV = _check_token_pair(
+        loss, student_hidden_BxTxD, student_unembed_DxV, "student")
+    teacher_hidden_BxTxE, teacher_unembed_ExV = _check_token_pair(
+        loss, teacher_hidden_BxTxE, teacher_unembed_ExV, "teacher")
+    _check_teacher_tokens(loss, student_hidden_BxTxD, teacher_hidden_BxTxE)
+    student_unembed_DxV, teacher_unembed_ExV = _shared_vocab(
+        loss, student_unembed_DxV, teacher_unembed_ExV, vocab_size)
+    weight_BxT = _token_weights(loss, mask_BxT, *student_hidden_BxTxD.shape[:2])
+
+    def token_divergence(student_BxCxD, teacher_BxCxE, student_unembed, teacher_unembed):
+        log_s = _softened_log_probs(_chunk_logits(student_BxCxD, student_unembed), temperature)
+        log_t = _softened_log_probs(_chunk_logits(teacher_BxCxE, teacher_unembed), temperature)
+        return _divergence_rows(kind, log_t, log_s, beta)
+
+    total = _chunked_token_sum(
+        token_divergence,
+        (student_hidden_BxTxD, jax.lax.stop_gradient(teacher_hidden_BxTxE)), weight_BxT,
+        (student_unembed_DxV, jax.lax.stop_gradient(teacher_unembed_ExV)), chunk_size)
+    return total * temperature**2 / jnp.maximum(jnp.sum(weight_BxT), 1.0)
+
+
+def next_token_mask(loss_mask_BxT):
+    """Positions whose next token is a response token: loss_mask shifted left by one.
+
+    A decoder's position t predicts token t+1, so the distributions to distil for a response
+    are those at the positions just before its tokens. The last position predicts nothing.
+    """
+    loss_mask_BxT = jnp.asarray(loss_mask_BxT)
+    return jnp.pad(loss_mask_BxT[:, 1:], ((0, 0), (0, 1)))
+
+
+# ------------------------------------------------------------- sparse top-k teacher
+
+TOPK_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob")
+
+
+def _topk_member_mask(ids_BxCxK, vocab):
+    """[B, C, V] bool: which vocabulary entries are among a token's top-k ids."""
+    b, c, _ = ids_BxCxK.shape
+    rows = jnp.arange(b)[:, None, None]
+    cols = jnp.arange(c)[None, :, None]
+    return jnp.zeros((b, c, vocab), bool).at[rows, cols, ids_BxCxK].set(True)
+
+
+def _log_mass_outside(log_p_BxCxV, member_BxCxV):
+    """log of the total probability outside the members; -inf (no NaN gradient) if none."""
+    has_tail_BxC = jnp.any(~member_BxCxV, axis=-1)
+    outside = jnp.where(member_BxCxV, -jnp.inf, log_p_BxCxV)
+    outside = jnp.where(has_tail_BxC[..., None], outside, 0.0)
+    return jnp.where(has_tail_BxC, jax.nn.logsumexp(outside, axis=-1), -jnp.inf)
+
+
+def topk_teacher(hidden_BxTxD, unembed_DxV, k, mask_BxT=None, chunk_size=128, *,
+                 temperature=1.0, logprob_dtype=jnp.float32):
+    """A teacher's sparse token distributions: per token its top-k ids, log-probs and tail.
+
+    Returns {"topk_ids": [B, T, k] int32, "topk_logprobs": [B, T, k] (logprob_dtype),
+    "tail_logprob": [B, T] f32 = log(1 - sum of the top-k probabilities)}, the distribution
+    softened by `temperature` (train the student with the same one). Computed in sequence
+    chunks like `chunked_token_kl` (no [B, T, V] array). Positions with mask 0 are not
+    stored: their ids are -1 (log-probs and tail 0), and `sparse_token_kl` leaves them out
+    whatever its own mask says, so a cache never passes padding off as a distribution.
+    Bytes per token: k * (4 + itemsize(logprob_dtype)) + 4.
+    """
+    loss = "topk_teacher"
+    _check_temperature(loss, temperature)
+    _check_chunk_size(loss, chunk_size)
+    hidden_BxTxD, unembed_DxV = _check_token_pair(loss, hidden_BxTxD, unembed_DxV, "teacher")
+    vocab = unembed_DxV.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
+        raise ValueError(f"{loss}: k must be an int in [1, vocabulary {vocab}], got {k!r}")
+    batch, seq_len = hidden_BxTxD.shape[:2]
+    keep_BxT = _token_weights(loss, mask_BxT, batch, seq_len) != 0
+    chunk, num_chunks = _chunk_count(seq_len, chunk_size)
+    hidden_NxBxCxD = _to_chunks(jax.lax.stop_gradient(hidden_BxTxD), chunk, num_chunks)
+
+    def one_chunk(hidden_BxCxD):
+        log_p_BxCxV = _softened_log_probs(_chunk_logits(hidden_BxCxD, unembed_DxV),
+                                          temperature)
+        logprobs_BxCxK, ids_BxCxK = jax.lax.top_k(log_p_BxCxV, k)
+        tail_BxC = _log_mass_outside(log_p_BxCxV, _topk_member_mask(ids_BxCxK, vocab))
+        return ids_BxCxK.astype(jnp.int32), logprobs_BxCxK, tail_BxC
+
+    ids, logprobs, tail = (_from_chunks(x, seq_len)
+                           for x in jax.lax.map(one_chunk, hidden_NxBxCxD))
+    return {
+        "topk_ids": jnp.where(keep_BxT[..., None], ids, -1),
+        "topk_logprobs": jnp.where(keep_BxT[..., None], logprobs, 0.0).astype(logprob_dtype),
+        "tail_logprob": jnp.where(keep_BxT, tail, 0.0),
+    }
+
+
+def topk_records(topk_BxT: Mapping[str, jax.Array]) -> list[dict[str, Any]]:
+    """`topk_teacher`'s batch output as one host dict per record ([T, k], [T, k], [T])."""
+    host = jax.device_get(dict(topk_BxT))
+    return [{key: host[key][i] for key in TOPK_KEYS} for i in range(len(host[TOPK_KEYS[0]]))]
+
+
+def _check_topk(loss, teacher_topk, batch, seq_len):
+    if not isinstance(teacher_topk, Mapping) or set(TOPK_KEYS) - set(teacher_topk):
+        found = sorted(teacher_topk) if isinstance(teacher_topk, Mapping) else type(
+            teacher_topk).__name__
+        raise ValueError(f"{loss}: the teacher must be a top-k cache with keys "
+                         f"{list(TOPK_KEYS)} (from topk_teacher), got {found}")
+    ids_BxTxK = jnp.asarray(teacher_topk["topk_ids"])
+    logprobs_BxTxK = jnp.asarray(teacher_topk["topk_logprobs"])
+    tail_BxT = jnp.asarray(teacher_topk["tail_logprob"])
+    if ids_BxTxK.ndim != 3 or ids_BxTxK.shape[:2] != (batch, seq_len):
+        raise ValueError(f"{loss}: topk_ids must be [B, T, k] with the student's [B, T] = "
+                         f"{(batch, seq_len)}, got shape {tuple(ids_BxTxK.shape)}")
+    if not jnp.issubdtype(ids_BxTxK.dtype, jnp.integer):
+        raise ValueError(f"{loss}: topk_ids must be integer token ids, got {ids_BxTxK.dtype}")
+    if logprobs_BxTxK.shape != ids_BxTxK.shape or tail_BxT.shape != (batch, seq_len):
+        raise ValueError(
+            f"{loss}: topk_logprobs must have topk_ids' shape {tuple(ids_BxTxK.shape)} and "
+            f"tail_logprob [B, T] = {(batch, seq_len)}, got {tuple(logprobs_BxTxK.shape)} and "
+            f"{tuple(tail_BxT.shape)}")
+    return ids_BxTxK.astype(jnp.int32), logprobs_BxTxK, tail_BxT
+
+
+def sparse_token_kl(student_hidden_BxTxD, student_unembed_DxV, teacher_topk, mask_BxT=None,
+                    *, temperature=1.0, chunk_size=128):
+    """T**2 * KL(teacher || student) over k+1 buckets from a cached top-k teacher.
+
+    teacher_topk: `topk_teacher`'s output (made with the same temperature); its unstored
+    positions (ids -1) do not count, whatever the mask. The buckets are
+    the teacher's k tokens plus a tail: the student's tail is its total probability on every
+    other token, matched to the teacher's tail mass. Exact when the teacher's tail is 0; else
+    KL of the two distributions coarsened to the buckets (a lower bound on the dense KL).
+    Student logits are computed in chunks as in `chunked_token_kl`; mean over valid tokens.
+    """
+    loss = "sparse_token_kl"
+    _check_temperature(loss, temperature)
+    _check_chunk_size(loss, chunk_size)
+    student_hidden_BxTxD, student_unembed_DxV = _check_token_pair(
+        loss, student_hidden_BxTxD, student_unembed_DxV, "student")
+    batch, seq_len = student_hidden_BxTxD.shape[:2]
+    ids_BxTxK, logprobs_BxTxK, tail_BxT = _check_topk(loss, teacher_topk, batch, seq_len)
+    stored_BxT = ids_BxTxK[..., 0] >= 0
+    weight_BxT = jnp.where(stored_BxT, _token_weights(loss, mask_BxT, batch, seq_len), 0.0)
+    ids_BxTxK = jnp.maximum(ids_BxTxK, 0)  # unstored rows gather a real (unused) token
+    vocab = student_unembed_DxV.shape[1]
+
+    def bucket_kl(student_BxCxD, ids_BxCxK, logprobs_BxCxK, tail_BxC, student_unembed):
+        log_s_BxCxV = _softened_log_probs(_chunk_logits(student_BxCxD, student_unembed),
+                                          temperature)
+        log_s_BxCxK = jnp.take_along_axis(log_s_BxCxV, ids_BxCxK, axis=-1)
+        log_s_tail_BxC = _log_mass_outside(log_s_BxCxV, _topk_member_mask(ids_BxCxK, vocab))
+        log_t = jnp.concatenate([logprobs_BxCxK.astype(_F32), tail_BxC[..., None]], -1)
+        log_s = jnp.concatenate([log_s_BxCxK, log_s_tail_BxC[..., None]], -1)
+        return _kl_rows(log_t, log_s)
+
+    teacher = jax.lax.stop_gradient((ids_BxTxK, logprobs_BxTxK, tail_BxT.astype(_F32)))
+    total = _chunked_token_sum(bucket_kl, (student_hidden_BxTxD, *teacher), weight_BxT,
+                               (student_unembed_DxV,), chunk_size)
+    return total * temperature**2 / jnp.maximum(jnp.sum(weight_BxT), 1.0)
+
+
+# ----------------------------------------------------------- cross-tokenizer (ULD)
+
+
+def _response_order(mask_BxT):
+    """Indices of each row's response tokens first (in order), and how many there are."""
+    member_BxT = jnp.asarray(mask_BxT) != 0
+    # A stable sort of "not a response token" keeps the response tokens in their order.
+    order_BxT = jnp.argsort(~member_BxT, axis=-1, stable=True)
+    return order_BxT, jnp.sum(member_BxT, axis=-1)
+
+
+def uld_token_loss(student_hidden_BxTxD, student_unembed_DxV, teacher_hidden_BxSxE,
+                   teacher_unembed_ExW, mask_BxT=None, *, teacher_mask_BxS=None,
+                   chunk_size=128):
+    """Universal Logit Distillation (Boizard et al., 2024) across tokenizers.
+
+    Per aligned response token: the Wasserstein-1 distance between the two models'
+    probability vectors each sorted in decreasing order, the shorter vocabulary padded with
+    zeros: sum_i |sort(p_student)_i - sort(p_teacher)_i|. It ignores token identities, so
+    student and teacher may have different vocabularies (V != W) and sequence lengths.
+    Alignment is by response-token position: the n-th response token of the student (mask
+    1) is paired with the n-th of the teacher (teacher_mask_BxS, the teacher's own
+    tokenisation; None = the student's mask on the same positions), each row truncated to
+    the shorter response. Masks are membership (non-zero = response). Mean over aligned
+    tokens; computed in chunks over the aligned responses. No temperature (ULD has none).
+    """
+    loss = "uld_token_loss"
+    _check_chunk_size(loss, chunk_size)
+    student_hidden_BxTxD, student_unembed_DxV = _check_token_pair(
+        loss, student_hidden_BxTxD, student_unembed_DxV, "student")
+    teacher_hidden_BxSxE, teacher_unembed_ExW = _check_token_pair(
+        loss, teacher_hidden_BxSxE, teacher_unembed_ExW, "teacher")
+    batch, seq_s = student_hidden_BxTxD.shape[:2]
+    seq_t = teacher_hidden_BxSxE.shape[1]
+    if teacher_hidden_BxSxE.shape[0] != batch:
+        raise ValueError(f"{loss}: teacher_hidden must have the student's batch size {batch}, "
+                         f"got shape {tuple(teacher_hidden_BxSxE.shape)}")
+    mask_BxT = _token_weights(loss, mask_BxT, batch, seq_s)
+    if teacher_mask_BxS is None:
+        if seq_t != seq_s:
+            raise ValueError(
+                f"{loss}: teacher sequence length {seq_t} != student's {seq_s}; pass "
+                f"teacher_mask_BxS (the teacher's response mask in its own tokenisation)")
+        teacher_mask_BxS = mask_BxT
+    teacher_mask_BxS = _token_weights(loss, teacher_mask_BxS, batch, seq_t)
+    order_s_BxT, count_s_B = _response_order(mask_BxT)
+    order_t_BxS, count_t_B = _response_order(teacher_mask_BxS)
+    aligned = min(seq_s, seq_t)
+    student_BxRxD = jnp.take_along_axis(
+        student_hidden_BxTxD, order_s_BxT[:, :aligned, None], axis=1)
+    teacher_BxRxE = jnp.take_along_axis(
+        jax.lax.stop_gradient(teacher_hidden_BxSxE), order_t_BxS[:, :aligned, None], axis=1)
+    valid_BxR = (jnp.arange(aligned)[None] < jnp.minimum(count_s_B, count_t_B)[:, None])
+    valid_BxR = valid_BxR.astype(_F32)
+    vocab_s, vocab_t = student_unembed_DxV.shape[1], teacher_unembed_ExW.shape[1]
+    width = max(vocab_s, vocab_t)
+
+    def sorted_probs(hidden_BxCxD, unembed_DxV):
+        probs_BxCxV = jax.nn.softmax(_chunk_logits(hidden_BxCxD, unembed_DxV), axis=-1)
+        descending_BxCxV = -jnp.sort(-probs_BxCxV, axis=-1)
+        return jnp.pad(descending_BxCxV, ((0, 0), (0, 0), (0, width - probs_BxCxV.shape[-1])))
+
+    def wasserstein(student_BxCxD, teacher_BxCxE, student_unembed, teacher_unembed):
+        return jnp.sum(jnp.abs(sorted_probs(student_BxCxD, student_unembed)
+                               - sorted_probs(teacher_BxCxE, teacher_unembed)), axis=-1)
+
+    total = _chunked_token_sum(
+        wasserstein, (student_BxRxD, teacher_BxRxE), valid_BxR,
+        (student_unembed_DxV, jax.lax.stop_gradient(teacher_unembed_ExW)), chunk_size)
+    return total / jnp.maximum(jnp.sum(valid_BxR), 1.0)
 
 
 # ------------------------------------------------------------------------ registry
@@ -574,11 +887,16 @@ class Loss:
     "argmax" (same top class), "label" (top class equals the integer label), "threshold"
     (same side of the binary decision threshold), "top1" (same top candidate), or None
     (no decision to agree on: hidden states, tokens).
+    teacher (token level only): what the teacher side is -- "lm", a live (hidden, unembedding)
+    pair, or "topk", a cached `topk_teacher` dict. cross_vocab: whether student and teacher
+    may have different vocabularies (the same-vocabulary losses refuse a mismatch).
     """
 
     fn: Callable[..., jax.Array]
     level: Literal["row", "list", "token"]
     agreement: Literal["argmax", "label", "threshold", "top1"] | None
+    teacher: Literal["lm", "topk"] | None = None
+    cross_vocab: bool = False
 
     def __call__(self, *args, **kwargs) -> jax.Array:
         return self.fn(*args, **kwargs)
@@ -601,12 +919,14 @@ LOSSES: dict[str, Loss] = {
     "hidden_mse": Loss(hidden_mse, "row", None),
     "hidden_cosine": Loss(hidden_cosine, "row", None),
     "cross_entropy": Loss(cross_entropy, "row", "label"),
-    "token_kl": Loss(chunked_token_kl, "token", None),
+    "token_kl": Loss(chunked_token_kl, "token", None, teacher="lm"),
+    "sparse_token_kl": Loss(sparse_token_kl, "token", None, teacher="topk"),
+    "uld": Loss(uld_token_loss, "token", None, teacher="lm", cross_vocab=True),
 }
 
 # Keyword-only arguments that are arrays supplied by the model at call time, not
 # hyper-parameters a config can set.
-_CALL_TIME_ARGS = frozenset({"projection_DsxDt"})
+_CALL_TIME_ARGS = frozenset({"projection_DsxDt", "teacher_mask_BxS"})
 
 
 def _config_hparams(fn: Callable) -> list[str]:
@@ -620,7 +940,7 @@ def check_hparams(name: str, hparams: dict) -> None:
     Checks the loss name, that every key is a hyper-parameter of that loss (the allowed
     ones are the loss's keyword-only arguments, less arrays such as projection_DsxDt that
     the model passes at call time), and each value (temperature > 0, 0 <= beta <= 1,
-    0 <= label_smoothing < 1, chunk_size >= 1, kind in {forward, reverse}, vocab_size
+    0 <= label_smoothing < 1, chunk_size >= 1, kind in {forward, reverse, jsd}, vocab_size
     None or >= 1).
     """
     if name not in LOSSES:

@@ -66,6 +66,16 @@ class Term(BaseModel):
         default=None,
         description="weight each example by the teacher's probability of this batch label",
     )
+    route: str | None = Field(
+        default=None,
+        description="token-level: batch key of a per-example teacher id [B]; the term covers "
+        "only the examples whose id is `route_id` (per-example teacher routing)",
+    )
+    route_id: int | None = None
+    teacher_mask: str | None = Field(
+        default=None,
+        description="cross-vocabulary losses: batch key of the teacher's own response mask",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -83,6 +93,19 @@ class Term(BaseModel):
         if self.confidence_label is not None and not losses.LOSSES[self.loss].weights_rows:
             raise ValueError(f"term {self.name!r}: confidence_label weights rows; loss "
                              f"{self.loss!r} compares whole lists or sequences")
+        loss = losses.LOSSES[self.loss]
+        if loss.level == "token" and self.teacher is None:
+            raise ValueError(f"term {self.name!r}: loss {self.loss!r} is token-level and "
+                             f"compares with a teacher; set 'teacher', not 'label'")
+        if (self.route is None) != (self.route_id is None):
+            raise ValueError(f"term {self.name!r}: set both 'route' and 'route_id' or neither, "
+                             f"got route={self.route!r}, route_id={self.route_id!r}")
+        if self.route is not None and loss.level != "token":
+            raise ValueError(f"term {self.name!r}: 'route' selects examples of a token-level "
+                             f"loss; loss {self.loss!r} is {loss.level}-level (use 'mask')")
+        if self.teacher_mask is not None and not loss.cross_vocab:
+            raise ValueError(f"term {self.name!r}: 'teacher_mask' is for cross-vocabulary "
+                             f"losses; loss {self.loss!r} compares the same tokens")
         return self
 
     @property
@@ -167,6 +190,46 @@ def teacher_output(teacher_outputs, batch, term: Term):
     return outputs[term.source_output]
 
 
+def _token_term(term: Term, loss: losses.Loss, student, target, mask, batch) -> jax.Array:
+    """A token-level term: (hidden, unembedding) pairs, or a cached top-k teacher.
+
+    Per-token teacher mixing is two terms whose masks differ: `mask` names different batch
+    keys (e.g. `answer_mask` for an accuracy teacher, `loss_mask` for a tone teacher), or
+    `route`/`route_id` keep the examples a per-example routing field sends to this teacher.
+    """
+    if not (isinstance(student, tuple) and len(student) == 2):
+        raise ValueError(
+            f"term {term.name!r}: loss {term.loss!r} is token-level and needs the student's "
+            f"(hidden, unembedding) pair of an 'lm' head; head {term.student!r} gives "
+            f"{type(student).__name__}")
+    s_hidden_BxTxD, s_unembed_DxV = student
+    if term.route is not None:
+        route_B = jnp.asarray(_lookup(batch, term.route, term.name))
+        if route_B.shape != s_hidden_BxTxD.shape[:1]:
+            raise ValueError(f"term {term.name!r}: route {term.route!r} must be one teacher id "
+                             f"per example {s_hidden_BxTxD.shape[:1]}, got {route_B.shape}")
+        routed_BxT = jnp.broadcast_to((route_B == term.route_id)[:, None],
+                                      s_hidden_BxTxD.shape[:2]).astype(jnp.float32)
+        mask = routed_BxT if mask is None else jnp.asarray(mask, jnp.float32) * routed_BxT
+    hparams = dict(term.hparams)
+    if term.teacher_mask is not None:
+        hparams["teacher_mask_BxS"] = _lookup(batch, term.teacher_mask, term.name)
+    if loss.teacher == "topk":
+        if not isinstance(target, Mapping):
+            raise ValueError(
+                f"term {term.name!r}: loss {term.loss!r} reads a cached top-k teacher (a dict "
+                f"{list(losses.TOPK_KEYS)}); teacher {term.teacher!r} gives "
+                f"{type(target).__name__}")
+        return loss(s_hidden_BxTxD, s_unembed_DxV, target, mask, **hparams)
+    if not (isinstance(target, tuple) and len(target) == 2):
+        raise ValueError(
+            f"term {term.name!r}: loss {term.loss!r} needs the teacher's live (hidden, "
+            f"unembedding) pair of an 'lm' head; teacher {term.teacher!r} gives "
+            f"{type(target).__name__} (a cached top-k teacher takes 'sparse_token_kl')")
+    t_hidden_BxTxE, t_unembed_ExV = target
+    return loss(s_hidden_BxTxD, s_unembed_DxV, t_hidden_BxTxE, t_unembed_ExV, mask, **hparams)
+
+
 def compute_objective(
     terms: tuple[Term, ...],
     student_outputs: Mapping[str, Any],
@@ -195,8 +258,7 @@ def compute_objective(
             target = label_view(_lookup(batch, term.label, term.name), term.label_transform)
         loss = losses.LOSSES[term.loss]
         if loss.level == "token":
-            (s_hidden, s_unembed), (t_hidden, t_unembed) = student, target
-            value = loss(s_hidden, s_unembed, t_hidden, t_unembed, mask, **term.hparams)
+            value = _token_term(term, loss, student, target, mask, batch)
         else:
             student = apply_transform(student, term.transform)
             if term.teacher is not None:

@@ -19,15 +19,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jaxdistill.models.layers import (
     Embed,
+    KVCache,
     Linear,
     RematPolicy,
     RMSNorm,
     Stack,
     attention,
+    cached_attention,
     rope,
     rope_frequencies,
 )
 from jaxdistill.parallel import constrain
+
+_NO_WINDOW = 2**30  # the window of a global layer: never binds
 
 
 class RopeScaling(BaseModel):
@@ -151,9 +155,12 @@ class DecoderLayer(nnx.Module):
         self.up_proj = Linear(cfg.hidden, cfg.mlp, ("embed", "mlp"), **kw)
         self.down_proj = Linear(cfg.mlp, cfg.hidden, ("mlp", "embed"), **kw)
 
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, sliding=None):
-        """`sliding`: whether this layer is a local (sliding-window) one, a traced bool from
-        the layer scan (None: every layer is global)."""
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, sliding=None, *,
+                 cache: KVCache | None = None, cache_index=None, kv_mask_BxS=None):
+        """x after the layer. `sliding`: whether this layer is a local (sliding-window) one, a
+        traced bool from the layer scan (None: every layer is global). With `cache` ([B, S, K,
+        H] slices), (x, updated cache): the T new keys/values are written at slots
+        cache_index.. and attention reads the cache."""
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         h_BxTxD = self.input_norm(x_BxTxD)
@@ -167,14 +174,26 @@ class DecoderLayer(nnx.Module):
         if sliding is not None:
             local_H2 = rope_frequencies(cfg.head_dim, cfg.rope_local_theta)
             inv_freq_H2 = jnp.where(sliding, local_H2, inv_freq_H2)
-            window = jnp.where(sliding, cfg.sliding_window, t)  # t: no limit
+            window = jnp.where(sliding, cfg.sliding_window, _NO_WINDOW)
         q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, inv_freq_H2)
         k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, inv_freq_H2)
         scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
-        attended_BxTxNxH = attention(
-            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=segment_ids_BxT, causal=True,
-            window=window, scale=scale, implementation=cfg.attention_impl,
-        )
+        if cache is None:
+            attended_BxTxNxH = attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=segment_ids_BxT, causal=True,
+                window=window, scale=scale, implementation=cfg.attention_impl,
+            )
+        else:
+            cache = KVCache(*(
+                jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), cache_index,
+                                                    axis=1)
+                for slots, new in ((cache.k, k_BxTxKxH), (cache.v, v_BxTxKxH))))
+            # XLA's attention: a one-query decode step with an arbitrary slot mask is outside
+            # what the cuDNN kernel takes, and it is not where generation spends its time.
+            attended_BxTxNxH = cached_attention(
+                q_BxTxNxH, cache.k.astype(q_BxTxNxH.dtype), cache.v.astype(q_BxTxNxH.dtype),
+                kv_mask_BxS=kv_mask_BxS, first_slot=cache_index, window=window, scale=scale,
+            )
         attended_BxTxD = self.o_proj(attended_BxTxNxH.reshape(b, t, -1))
         if self.attention_out_norm is not None:
             attended_BxTxD = self.attention_out_norm(attended_BxTxD)
@@ -188,7 +207,8 @@ class DecoderLayer(nnx.Module):
         mlp_BxTxD = self.down_proj(mlp_BxTxF)
         if self.mlp_out_norm is not None:
             mlp_BxTxD = self.mlp_out_norm(mlp_BxTxD)
-        return x_BxTxD + mlp_BxTxD
+        out_BxTxD = x_BxTxD + mlp_BxTxD
+        return out_BxTxD if cache is None else (out_BxTxD, cache)
 
 
 class Decoder(nnx.Module):
@@ -220,11 +240,19 @@ class Decoder(nnx.Module):
         segment_ids_BxT: jax.Array | None = None,
         positions_BxT: jax.Array | None = None,
         token_type_ids_BxT: jax.Array | None = None,
-    ) -> jax.Array:
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int | None = None,
+        kv_mask_BxS: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Final-norm hidden states [B, T, D] of padded (either side) or packed sequences.
 
         Without `positions_BxT`, a token's position counts the real tokens before it (as
         transformers' `generate` does), so left and right padding give the same states.
+
+        Incremental decoding (`jaxdistill.generate`): with a `cache`, the T tokens fill slots
+        cache_index..cache_index+T of every layer's keys/values; kv_mask_BxS marks the filled
+        (non-padding) slots, positions_BxT gives each token's RoPE position, and
+        attention_mask is not read. Returns (hidden, updated cache).
         """
         del token_type_ids_BxT  # decoders have no segment embedding
         mask_BxT = attention_mask_BxT.astype(jnp.int32)
@@ -240,6 +268,11 @@ class Decoder(nnx.Module):
         if self.cfg.layer_types is not None:
             per_layer = {"sliding": jnp.asarray(
                 [kind == "sliding_attention" for kind in self.cfg.layer_types])}
+        if cache is not None:
+            x_BxTxD, cache = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT,
+                                         per_layer=per_layer, cache=cache,
+                                         cache_index=cache_index, kv_mask_BxS=kv_mask_BxS)
+            return self.final_norm(x_BxTxD), cache
         x_BxTxD = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT, remat=self.cfg.remat,
                               per_layer=per_layer)
         return self.final_norm(x_BxTxD)

@@ -8,7 +8,7 @@ a frozen teacher) and are cast to the compute `dtype` where they are used.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +190,56 @@ def attention(
     )
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every decoder layer for incremental decoding.
+
+    k and v are [L, B, S, K, H] (layers, batch, cache slots, kv heads, head dim): stacked on
+    the leading layers axis like `Stack`'s weights, so its scan hands each layer its
+    [B, S, K, H] slice and stacks the updated slices back.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int,
+              dtype) -> KVCache:
+        shape = (layers, batch, slots, kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def cached_attention(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    *,
+    kv_mask_BxS: jax.Array,
+    first_slot: jax.Array,
+    window: jax.Array | int | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Causal grouped-query attention of T new queries (in slots first_slot..+T) over a cache.
+
+    A query sees the filled slots (kv_mask) up to its own; padding in any place (left- or
+    right-padded prompts) is just a slot whose mask is 0. Each query also sees itself, so a
+    padding query never attends to nothing (no NaN; its output is unused). `window` and
+    `scale` as in `attention` (a row's real tokens fill consecutive slots, so slot distance is
+    position distance).
+    """
+    t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
+    query_slot_T = first_slot + jnp.arange(t)
+    key_slot_S = jnp.arange(s)
+    causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
+    if window is not None:
+        causal_TxS &= query_slot_T[:, None] - key_slot_S[None, :] < window
+    visible_BxTxS = (kv_mask_BxS.astype(bool)[:, None, :] & causal_TxS[None])
+    visible_BxTxS |= (key_slot_S[None, :] == query_slot_T[:, None])[None]
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=visible_BxTxS[:, None], scale=scale,
+        implementation=implementation)
+
+
 def remat_policy(name: RematPolicy):
     if name == "full":
         return jax.checkpoint_policies.nothing_saveable
@@ -221,10 +271,23 @@ class Stack(nnx.Module):
         self.depth = depth
         self.layer = nnx.merge(graphdef, stacked)
 
-    def __call__(self, x, *args, remat: RematPolicy = "none", per_layer=None, **kwargs):
-        """`per_layer`: keyword inputs with a leading [depth] axis, scanned with the weights
-        (e.g. which layers use sliding-window attention)."""
+    def __call__(self, x, *args, remat: RematPolicy = "none", per_layer=None,
+                 cache: KVCache | None = None, **kwargs):
+        """x after every layer. `per_layer`: keyword inputs with a leading [depth] axis, scanned
+        with the weights (e.g. which layers use sliding-window attention). With a `cache`,
+        (x, updated cache): each layer is called with its [B, S, K, H] slice as `cache=` and
+        returns (x, its updated slice)."""
         graphdef, stacked = nnx.split(self.layer)
+
+        if cache is not None:
+            def cached_body(carry, xs):
+                layer_state, layer_cache, layer_inputs = xs
+                layer = nnx.merge(graphdef, layer_state)
+                out, layer_cache = layer(carry, *args, cache=layer_cache, **kwargs,
+                                         **(layer_inputs or {}))
+                return constrain(out, ("batch", "seq", "embed")), layer_cache
+
+            return jax.lax.scan(cached_body, x, (stacked, cache, per_layer))
 
         def body(carry, xs):
             layer_state, layer_inputs = xs

@@ -562,7 +562,8 @@ def test_kl_ignores_teacher_minus_inf_logits():
 def test_registry():
     assert set(L.LOSSES) == {
         "forward_kl", "reverse_kl", "jsd", "logit_mse", "bce", "soft_bce", "listnet",
-        "margin_mse", "hidden_mse", "hidden_cosine", "cross_entropy", "token_kl"}
+        "margin_mse", "hidden_mse", "hidden_cosine", "cross_entropy", "token_kl",
+        "sparse_token_kl", "uld"}
     assert L.LOSSES["token_kl"].fn is L.chunked_token_kl
 
 
@@ -620,7 +621,7 @@ def test_token_kl_validation_errors():
         L.chunked_token_kl(*args, vocab_size=72)
     with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1, got 0"):
         L.chunked_token_kl(*args, chunk_size=0, vocab_size=64)
-    with pytest.raises(ValueError, match=r"kind must be one of \['forward', 'reverse'\], "
+    with pytest.raises(ValueError, match=r"kind must be one of \['forward', 'reverse', 'jsd'\], "
                                          r"got 'sideways'"):
         L.chunked_token_kl(*args, kind="sideways", vocab_size=64)
     with pytest.raises(ValueError, match=r"student_unembed must be \[16, V\] to match "
