@@ -83,7 +83,7 @@ def test_prepare_jsonl(tmp_path):
     lines = [json.dumps(r) for r in POINTWISE]
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join(lines) + "\n")
-    report = prepare(good, "pointwise", tmp_path / "out")
+    report = prepare(good, "pointwise", tmp_path / "out").splits["train"]
     assert (report.written, report.skipped) == (4, 0)
     assert list(sources.open_source(tmp_path / "out")) == POINTWISE
 
@@ -93,7 +93,7 @@ def test_prepare_jsonl(tmp_path):
         prepare(bad, "pointwise", tmp_path / "bad_out")
     assert not (tmp_path / "bad_out").exists()
     report = prepare(bad, "pointwise", tmp_path / "skipped_out", skip_malformed=True)
-    assert (report.written, report.skipped) == (1, 2)
+    assert (report.splits["train"].written, report.splits["train"].skipped) == (1, 2)
 
 
 def test_prepare_parquet(tmp_path):
@@ -111,7 +111,7 @@ def test_prepare_parquet(tmp_path):
         ("actions", pa.map_(pa.string(), pa.int64()))]))
     pq.write_table(table, tmp_path / "impressions.parquet")
     report = prepare(tmp_path / "impressions.parquet", "impressions", tmp_path / "out")
-    assert report.written == 3
+    assert report.splits["train"].written == 3
     assert list(sources.open_source(tmp_path / "out")) == records
 
     records[1]["position"] = -3
