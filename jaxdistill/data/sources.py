@@ -37,7 +37,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jaxdistill.data.records import KINDS, RecordError, validate_record
+from jaxdistill.data.records import KINDS, RecordError, update_label_types, validate_record
 
 FORMAT_VERSION = "1.0.0"
 TOKENS_DIR = "tokens"  # stored token ids: TOKENS_DIR/<key>/<split>.array_record
@@ -256,14 +256,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def update_label_types(label_types: dict[str, str], labels: Mapping[str, Any]) -> None:
-    """Folds one text record's labels into {name: "int" | "float"} (a float anywhere wins)."""
-    for name, value in labels.items():
-        kind = "float" if isinstance(value, float) else "int"
-        if label_types.get(name) != "float":
-            label_types[name] = kind
-
-
 def dataset_info(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Kind, split sizes, content hashes and skipped counts of a written dataset."""
     builder = _builder(data_dir)
@@ -311,6 +303,9 @@ class RecordSource:
         self.kind: str = builder.info.metadata["kind"]
         self.name = f"{os.fspath(data_dir)}[{split}]"
         self._source = builder.as_data_source(split)
+        # Every split of a text dataset gives the same label keys: the union over splits.
+        self.label_types = (merged_label_types(builder.info.metadata) if self.kind == "text"
+                            else None)
 
     def __len__(self) -> int:
         return len(self._source)

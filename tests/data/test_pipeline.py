@@ -31,8 +31,10 @@ def test_pointwise_batch_contract(tokenizer):
                 "token_type_ids": ((4, 16), np.int32), "grade": ((4,), np.int32),
                 "grade_probs": ((4, 5), np.float32), "grade_probs_mask": ((4,), np.float32),
                 "member_features": ((4, 2), np.float32), "position": ((4,), np.int32),
-                "actions": ((4, 1), np.float32), "action_mask": ((4, 1), np.float32)}
+                "actions": ((4, 1), np.float32), "action_mask": ((4, 1), np.float32),
+                "record_index": ((4,), np.int32)}
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+    np.testing.assert_array_equal(batch["record_index"], [0, 1, 2, 3])
     mask = batch["attention_mask"]
     # Right padding: every row is 1...1 0...0, pad positions hold pad id 0.
     assert np.all(np.diff(mask, axis=1) <= 0) and np.all(batch["input_ids"][mask == 0] == 0)
@@ -141,7 +143,7 @@ def chat_records(n):
 def test_chat_loss_mask_covers_assistant_tokens(tokenizer):
     batch = next(iter(make(chat_records(2), tokenizer, kind="chat", max_len=24, batch_size=2,
                            shuffle=False)))
-    assert set(batch) == {"input_ids", "attention_mask", "loss_mask"}
+    assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "record_index"}
     trained = tokenizer.convert_ids_to_tokens(batch["input_ids"][0][batch["loss_mask"][0] == 1])
     assert trained == ["Yes", "here", "is", "your", "answer", "[EOS]"]
 
@@ -184,3 +186,4 @@ def test_on_disk_source_feeds_the_pipeline(tokenizer, tmp_path):
     batches = list(dataset)
     assert len(batches) == 2
     np.testing.assert_array_equal(batches[1]["grade"], [4, 0, 1, 2])
+    np.testing.assert_array_equal(batches[1]["record_index"], [4, 5, 6, 7])

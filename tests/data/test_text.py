@@ -1,0 +1,105 @@
+"""The `text` record kind: named labels as batch keys with masks, text pairs, record indices."""
+import json
+
+import numpy as np
+import pytest
+
+from jaxdistill.data import pipeline, sources
+from jaxdistill.data.prepare import prepare
+from jaxdistill.data.records import RecordError, validate_record
+from jaxdistill.data.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("builtin:wordpiece")
+
+
+def mail_records(n, offset=0):
+    """Text classification: `spam` 0/1 on every record, `topic` 0..2 on two in three, `score`
+    (float) on even records; a text pair on every fourth."""
+    records = []
+    for i in range(offset, offset + n):
+        labels = {"spam": i % 2}
+        if i % 3:
+            labels["topic"] = i % 3
+        if i % 2 == 0:
+            labels["score"] = i / 4
+        record = {"id": f"mail-{i}", "text": f"hello python job {i}", "labels": labels}
+        if i % 4 == 0:
+            record["text_pair"] = "remote data engineer"
+        records.append(record)
+    return records
+
+
+def make(records, tokenizer, **kwargs):
+    options = dict(kind="text", max_len=16, batch_size=4, seed=0, shard_index=0, shard_count=1,
+                   num_epochs=1)
+    return pipeline.make_dataset(records, tokenizer=tokenizer, **{**options, **kwargs})
+
+
+def test_text_batch_contract(tokenizer):
+    records = mail_records(8)
+    batch = next(iter(make(records, tokenizer, shuffle=False)))
+    expected = {"input_ids": ((4, 16), np.int32), "attention_mask": ((4, 16), np.int32),
+                "token_type_ids": ((4, 16), np.int32), "record_index": ((4,), np.int32),
+                "label/spam": ((4,), np.int32), "label_mask/spam": ((4,), np.float32),
+                "label/topic": ((4,), np.int32), "label_mask/topic": ((4,), np.float32),
+                "label/score": ((4,), np.float32), "label_mask/score": ((4,), np.float32)}
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+    np.testing.assert_array_equal(batch["label/spam"], [0, 1, 0, 1])
+    np.testing.assert_array_equal(batch["label/topic"], [0, 1, 2, 0])
+    np.testing.assert_array_equal(batch["label_mask/topic"], [0, 1, 1, 0])
+    np.testing.assert_array_equal(batch["label/score"], [0.0, 0.0, 0.5, 0.0])
+    np.testing.assert_array_equal(batch["label_mask/score"], [1, 0, 1, 0])
+    # Record 0 has a text pair (token type 1 after the first [SEP]); record 1 has none.
+    types, mask = batch["token_type_ids"], batch["attention_mask"]
+    assert types[0].max() == 1 and types[1].max() == 0 and np.all(types[mask == 0] == 0)
+    assert tokenizer.decode(batch["input_ids"][0][types[0] == 1], skip_special_tokens=True) == (
+        "remote data engineer")
+    assert tokenizer.decode(batch["input_ids"][1], skip_special_tokens=True) == "hello python job 1"
+
+
+def test_record_index_maps_shuffled_rows_back(tokenizer):
+    records = mail_records(12)
+    seen = []
+    for batch in make(records, tokenizer, seed=4):
+        for row, index in enumerate(batch["record_index"]):
+            labels = records[index]["labels"]
+            assert batch["label/spam"][row] == labels["spam"]
+            assert batch["label_mask/topic"][row] == ("topic" in labels)
+            seen.append(int(index))
+    assert sorted(seen) == list(range(12)) and seen != list(range(12))
+
+
+@pytest.mark.parametrize("change,field,expected", [
+    ({"text": ""}, "text", "non-empty text"),
+    ({"id": True}, "id", "str or int"),
+    ({"labels": {"spam": "yes"}}, "labels.spam", "int or finite float"),
+    ({"labels": {"spam": float("nan")}}, "labels.spam", "int or finite float"),
+    ({"labels": [1, 0]}, "labels", "dict label name"),
+    ({"text_pair": 3}, "text_pair", "expected str"),
+])
+def test_text_record_errors(change, field, expected):
+    record = {**mail_records(1)[0], **change}
+    with pytest.raises(RecordError) as info:
+        validate_record("text", record, source="mail.jsonl", index=4)
+    assert info.value.field == field and expected in str(info.value)
+    assert str(info.value).startswith("mail.jsonl: record 4: ")
+
+
+def test_label_keys_are_the_union_over_splits(tokenizer, tmp_path):
+    train = mail_records(8)
+    validation = [{"text": "just text", "labels": {"spam": 1}}] * 4  # no topic, no score
+    out = tmp_path / "mail"
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in validation))
+    prepare({"train": tmp_path / "train.jsonl", "validation": tmp_path / "val.jsonl"}, "text", out)
+    assert sources.dataset_info(out)["label_types"] == {"score": "float", "spam": "int",
+                                                        "topic": "int"}
+    batch = next(iter(pipeline.make_dataset(
+        sources.open_source(out, "validation"), tokenizer=tokenizer, max_len=16, batch_size=4,
+        seed=0, num_epochs=1, shuffle=False)))
+    np.testing.assert_array_equal(batch["label_mask/topic"], [0, 0, 0, 0])
+    np.testing.assert_array_equal(batch["label/spam"], [1, 1, 1, 1])
+    assert batch["label/score"].dtype == np.float32
