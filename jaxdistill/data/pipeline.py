@@ -374,6 +374,28 @@ def offline_shapes_of(record: Mapping[str, Any], kind: str) -> dict[str, dict[st
             for teacher, outputs in offline.items() if isinstance(outputs, Mapping)}
 
 
+def batch_keys(kind: str, *, label_types: Mapping[str, str] | None = None,
+               pack: bool = False, skip_malformed: bool = False) -> set[str]:
+    """The top-level keys of `kind`'s batches (see `make_dataset`), for start-up checks of
+    the keys a config reads; `offline` and `tokens` come with the data and tokenizers."""
+    if kind == "chat":
+        keys = {"input_ids", "attention_mask", "loss_mask"}
+        keys |= {"segment_ids", "positions"} if pack else {"record_index"}
+    elif kind == "text":
+        keys = {"input_ids", "attention_mask", "token_type_ids", "record_index"}
+        keys |= {f"{prefix}/{name}" for name in label_types or {}
+                 for prefix in ("label", "label_mask")}
+    else:
+        keys = {"input_ids", "attention_mask", "token_type_ids", "record_index", "grade",
+                "grade_probs", "grade_probs_mask", "member_features", "position", "actions",
+                "action_mask"}
+        if kind == "listwise":
+            keys.add("candidate_mask")
+    if skip_malformed:
+        keys.add("batch_malformed")
+    return keys
+
+
 def label_types_of(source: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """{label: "int" | "float"} of a text source: its dataset's metadata (`label_types`), or
     a scan of every record of an in-memory one."""

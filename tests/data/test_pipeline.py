@@ -35,6 +35,7 @@ def test_pointwise_batch_contract(tokenizer):
                 "record_index": ((4,), np.int32)}
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
     np.testing.assert_array_equal(batch["record_index"], [0, 1, 2, 3])
+    assert set(batch) == pipeline.batch_keys("pointwise")
     mask = batch["attention_mask"]
     # Right padding: every row is 1...1 0...0, pad positions hold pad id 0.
     assert np.all(np.diff(mask, axis=1) <= 0) and np.all(batch["input_ids"][mask == 0] == 0)
@@ -58,6 +59,7 @@ def test_listwise_pads_and_truncates_lists(tokenizer):
     batch = next(iter(make(records, tokenizer, kind="listwise", list_size=3, batch_size=2,
                            shuffle=False, action_names=["click", "apply"])))
     assert batch["input_ids"].shape == (2, 3, 16) and batch["member_features"].shape == (2, 1)
+    assert set(batch) == pipeline.batch_keys("listwise")
     np.testing.assert_array_equal(batch["candidate_mask"], [[1, 0, 0], [1, 1, 1]])
     np.testing.assert_array_equal(batch["grade"], [[0, 0, 0], [0, 1, 2]])
     np.testing.assert_array_equal(batch["position"][1], [10, 11, 12])
@@ -144,6 +146,7 @@ def test_chat_loss_mask_covers_assistant_tokens(tokenizer):
     batch = next(iter(make(chat_records(2), tokenizer, kind="chat", max_len=24, batch_size=2,
                            shuffle=False)))
     assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "record_index"}
+    assert set(batch) == pipeline.batch_keys("chat")
     trained = tokenizer.convert_ids_to_tokens(batch["input_ids"][0][batch["loss_mask"][0] == 1])
     assert trained == ["Yes", "here", "is", "your", "answer", "[EOS]"]
 
@@ -157,6 +160,7 @@ def test_packing_segments_and_loss_mask(tokenizer):
     batch = packed[0]
     assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "segment_ids", "positions",
                           "batch_malformed"}
+    assert set(batch) == pipeline.batch_keys("chat", pack=True, skip_malformed=True)
     row = batch["segment_ids"][0]
     assert row.max() >= 2  # two conversations share the row
     for segment in range(1, row.max() + 1):

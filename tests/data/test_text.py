@@ -47,6 +47,8 @@ def test_text_batch_contract(tokenizer):
                 "label/topic": ((4,), np.int32), "label_mask/topic": ((4,), np.float32),
                 "label/score": ((4,), np.float32), "label_mask/score": ((4,), np.float32)}
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+    assert set(batch) == pipeline.batch_keys(
+        "text", label_types={"spam": "int", "topic": "int", "score": "float"})
     np.testing.assert_array_equal(batch["label/spam"], [0, 1, 0, 1])
     np.testing.assert_array_equal(batch["label/topic"], [0, 1, 2, 0])
     np.testing.assert_array_equal(batch["label_mask/topic"], [0, 1, 1, 0])
