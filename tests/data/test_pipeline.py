@@ -191,3 +191,19 @@ def test_on_disk_source_feeds_the_pipeline(tokenizer, tmp_path):
     assert len(batches) == 2
     np.testing.assert_array_equal(batches[1]["grade"], [4, 0, 1, 2])
     np.testing.assert_array_equal(batches[1]["record_index"], [4, 5, 6, 7])
+
+
+def test_listwise_extra_tokenizer_has_the_same_shapes(tokenizer, bert_tokenizer):
+    records = [{"query": "nurse", "member": "", "member_features": [],
+                "candidates": [{"document": f"remote data job {j}", "grade": 1} for j in range(n)]}
+               for n in (1, 3)]
+    batch = next(iter(make(records, tokenizer, kind="listwise", list_size=2, batch_size=2,
+                           shuffle=False, extra_tokenizers={"bert": bert_tokenizer})))
+    bert = batch["tokens"]["bert"]
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert bert[key].shape == batch[key].shape == (2, 2, 16) and bert[key].dtype == np.int32
+    ids = bert_tokenizer("nurse", "remote data job 1", truncation=True, max_length=16)
+    np.testing.assert_array_equal(bert["input_ids"][1, 1, :len(ids["input_ids"])], ids["input_ids"])
+    np.testing.assert_array_equal(bert["token_type_ids"][1, 1, :len(ids["input_ids"])],
+                                  ids["token_type_ids"])
+    assert bert["attention_mask"][0, 1].sum() == 0  # the padded candidate

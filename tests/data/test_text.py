@@ -105,3 +105,57 @@ def test_label_keys_are_the_union_over_splits(tokenizer, tmp_path):
     np.testing.assert_array_equal(batch["label_mask/topic"], [0, 0, 0, 0])
     np.testing.assert_array_equal(batch["label/spam"], [1, 1, 1, 1])
     assert batch["label/score"].dtype == np.float32
+
+
+def test_user_flow_prepare_three_splits_two_tokenizers(tokenizer, bert_tokenizer, tmp_path,
+                                                      capsys):
+    """A user's text classification JSONL (spam 0/1, topic 0..2) -> three splits -> batches
+    with both labels, each tokenizer's own ids, and the label checks at start-up."""
+    from jaxdistill import cli
+    from jaxdistill.data.labels import LabelError, check_labels
+    from jaxdistill.distill.objectives import Term
+    from jaxdistill.models.heads import ClassifierHead
+
+    records = [{"id": i, "text": f"hello python job {i}" if i % 2 else f"win prize mail {i}",
+                "labels": {"spam": 1 - i % 2, "topic": i % 3}} for i in range(30)]
+    path = tmp_path / "mail.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "mail"
+    assert cli.main(["data", "prepare", str(path), "--kind", "text", "--out", str(out),
+                     "--split-fractions", "0.6,0.2,0.2", "--seed", "7"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["test"]["written"] == 6
+    assert sources.dataset_info(out)["splits"] == {"train": 18, "validation": 6, "test": 6}
+
+    train = sources.open_source(out, "train")
+    dataset = pipeline.make_dataset(train, tokenizer=tokenizer,
+                                    extra_tokenizers={"bert": bert_tokenizer}, max_len=12,
+                                    batch_size=6, seed=0, num_epochs=1, shard_index=0,
+                                    shard_count=1)
+    rows = 0
+    for batch in dataset:
+        assert batch["tokens"]["bert"].keys() == {"input_ids", "attention_mask", "token_type_ids"}
+        for row, index in enumerate(batch["record_index"]):
+            record = train[int(index)]
+            assert batch["label/spam"][row] == record["labels"]["spam"]
+            assert batch["label/topic"][row] == record["labels"]["topic"]
+            for inputs, each in ((batch, tokenizer), (batch["tokens"]["bert"], bert_tokenizer)):
+                ids = each(record["text"], truncation=True, max_length=12)["input_ids"]
+                expected = ids + [each.pad_token_id] * (12 - len(ids))
+                np.testing.assert_array_equal(inputs["input_ids"][row], expected)
+                assert inputs["attention_mask"][row].sum() == len(ids)
+            rows += 1
+    assert rows == 18
+    assert not np.array_equal(batch["input_ids"], batch["tokens"]["bert"]["input_ids"])
+
+    def topic_term(**kwargs):
+        return Term(**{"name": "topic", "loss": "cross_entropy", "student": "topic",
+                       "label": "label/topic", "mask": "label_mask/topic", **kwargs})
+
+    check_labels(train, "text", [topic_term()], {"topic": ClassifierHead(classes=3)})
+    first_two = next(i for i in range(len(train)) if train[i]["labels"]["topic"] == 2)
+    with pytest.raises(LabelError, match=rf"^{out}\[train\]: record {first_two}: field "
+                                         r"'labels.topic'.*\(2 classes\).*found 2"):
+        check_labels(train, "text", [topic_term()], {"topic": ClassifierHead(classes=2)})
+    with pytest.raises(LabelError, match=r"label 'label/spams' is not a batch key.*'label/spam'"):
+        check_labels(train, "text", [topic_term(label="label/spams")],
+                     {"topic": ClassifierHead(classes=3)})
