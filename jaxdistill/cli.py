@@ -288,7 +288,8 @@ def cmd_data_prepare(args) -> None:
         inputs, split = args.input, (args.split or ["train"])[0]
     report = prepare(inputs, args.kind, args.out, split=split,
                      split_fractions=args.split_fractions, seed=args.seed,
-                     skip_malformed=args.skip_malformed, overwrite=args.overwrite)
+                     skip_malformed=args.skip_malformed, overwrite=args.overwrite,
+                     tokenizers=args.tokenizer, max_len=args.max_len)
     _print_json(report.to_json())
 
 
@@ -518,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip and count records that break the schema instead of failing")
     p.add_argument("--overwrite", action="store_true",
                    help="rewrite splits that --out already has (its other splits are kept)")
+    p.add_argument("--tokenizer", action="append", default=[], metavar="DIR|builtin:NAME",
+                   help="store each record's token ids under this tokenizer (repeatable; "
+                        "needs --max-len); training with it at that max_len reads them "
+                        "instead of tokenising")
+    p.add_argument("--max-len", type=int, help="length the stored token ids are truncated to "
+                                               "(= data.max_len of the configs that read them)")
     p.set_defaults(handler=cmd_data_prepare)
 
     inspect = command("inspect", "look at configs, checkpoints, datasets, HF directories",

@@ -21,19 +21,21 @@ from jaxdistill.data import tokens
 from jaxdistill.data.records import NUM_GRADES, RecordError, update_label_types, validate_record
 from jaxdistill.data.tokens import PAIR_KINDS
 
+PRIMARY = ""  # tokenizer key of the top-level inputs (extra tokenizers have non-empty keys)
+
 
 class _IndexedSource:
     """Pairs each record with its index in the split (errors and `record_index` name it) and
     with its stored token ids, {tokenizer key: bytes}, for the tokenizers that have them."""
 
     def __init__(self, source: Sequence[Mapping[str, Any]],
-                 stored: Mapping[str | None, Sequence[bytes]]):
+                 stored: Mapping[str, Sequence[bytes]]):
         self._source, self._stored = source, dict(stored)
 
     def __len__(self) -> int:
         return len(self._source)
 
-    def __getitem__(self, index: int) -> tuple[int, Any, dict[str | None, bytes]]:
+    def __getitem__(self, index: int) -> tuple[int, Any, dict[str, bytes]]:
         index = int(index)
         return index, self._source[index], {k: v[index] for k, v in self._stored.items()}
 
@@ -48,11 +50,11 @@ class _Malformed:
 class EncodeRecords(grain.transforms.Map):
     """Validates and tokenises one record (runs in grain worker processes when asked).
 
-    `tokenizers` maps a key to a tokenizer: key None is the primary one (top-level inputs),
-    every other key K fills `tokens[K]`.
+    `tokenizers` maps a key to a tokenizer: key `PRIMARY` is the student's (top-level
+    inputs), every other key K fills `tokens[K]`.
     """
 
-    def __init__(self, *, kind: str, tokenizers: Mapping[str | None, Any], source_name: str,
+    def __init__(self, *, kind: str, tokenizers: Mapping[str, Any], source_name: str,
                  max_len: int, member_features_dim: int, action_names: Sequence[str],
                  list_size: int | None, pad_to_max_len: bool, skip_malformed: bool,
                  offline_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
@@ -71,7 +73,7 @@ class EncodeRecords(grain.transforms.Map):
         self.offline_shapes = {t: dict(o) for t, o in (offline_shapes or {}).items()}
         self.label_types = dict(label_types or {})
 
-    def map(self, element: tuple[int, Any, Mapping[str | None, bytes]]):
+    def map(self, element: tuple[int, Any, Mapping[str, bytes]]):
         index, record, stored = element
         try:
             validate_record(self.kind, record, source=self.source_name, index=index)
@@ -92,13 +94,13 @@ class EncodeRecords(grain.transforms.Map):
                                          where=f"{self.source_name}: record {index}"))
                 for key, tokenizer in self.tokenizers.items()}
         if self.kind == "chat":
-            out = {**self._chat_inputs(rows[None], self.tokenizers[None].pad_token_id)}
+            out = {**self._chat_inputs(rows[PRIMARY], self.tokenizers[PRIMARY].pad_token_id)}
         else:
-            out = {**self._pair_inputs(rows[None], self.tokenizers[None].pad_token_id),
+            out = {**self._pair_inputs(rows[PRIMARY], self.tokenizers[PRIMARY].pad_token_id),
                    **self._labels(record)}
         extra = {key: (self._chat_inputs if self.kind == "chat" else self._pair_inputs)(
                      rows[key], tokenizer.pad_token_id)
-                 for key, tokenizer in self.tokenizers.items() if key is not None}
+                 for key, tokenizer in self.tokenizers.items() if key != PRIMARY}
         if extra:
             out["tokens"] = extra
         if self.pad_to_max_len:  # packed rows hold several records: no single index
@@ -313,7 +315,10 @@ def make_dataset(
         offline_shapes = {} if kind == "chat" else offline_shapes_of(source[0], kind)
     if label_types is None and kind == "text":
         label_types = label_types_of(source)
-    tokenizers = {None: tokenizer, **(extra_tokenizers or {})}
+    if any(not isinstance(key, str) or not key for key in extra_tokenizers or {}):
+        raise ValueError(f"extra_tokenizers keys must be non-empty names, got "
+                         f"{sorted(map(repr, extra_tokenizers))}")
+    tokenizers = {PRIMARY: tokenizer, **(extra_tokenizers or {})}
     stored_of = getattr(source, "stored_tokens", None)
     stored = {}
     if stored_of is not None:

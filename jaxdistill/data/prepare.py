@@ -47,13 +47,15 @@ class PrepareReport:
     out_dir: str
     kind: str
     splits: dict[str, SplitReport]
+    tokens: dict[str, Any] = dataclasses.field(default_factory=dict)  # stored ids, by key
 
     def to_json(self) -> dict[str, Any]:
         """What the CLI prints: per-split counts plus their totals."""
         return {"out_dir": self.out_dir, "kind": self.kind, "split": ",".join(self.splits),
                 "written": sum(s.written for s in self.splits.values()),
                 "skipped": sum(s.skipped for s in self.splits.values()),
-                "splits": {name: dataclasses.asdict(s) for name, s in self.splits.items()}}
+                "splits": {name: dataclasses.asdict(s) for name, s in self.splits.items()},
+                "tokens": self.tokens}
 
 
 def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
@@ -192,13 +194,22 @@ def prepare(
     seed: int = 0,
     skip_malformed: bool = False,
     overwrite: bool = False,
+    tokenizers: Sequence[str | os.PathLike | Any] = (),
+    max_len: int | None = None,
 ) -> PrepareReport:
     """Validates records and writes them as splits of the dataset at `out_dir`.
 
     `inputs` is one file (written as `split`, or cut into train/validation/test by
     `split_fractions` with `seed`) or a mapping split name -> file. Splits already at
-    `out_dir` and not written here are kept; rewriting one needs `overwrite`.
+    `out_dir` and not written here are kept; rewriting one needs `overwrite`. `tokenizers`
+    (directories, `builtin:...` or loaded tokenizers) with `max_len`: each record's token ids
+    under each are stored with it, read by the pipeline instead of tokenising again.
     """
+    from jaxdistill.data.tokenizer import load_tokenizer
+
+    if tokenizers and (max_len is None or max_len < 2):
+        raise ValueError(f"storing token ids needs max_len >= 2 (--max-len), got {max_len}")
+    loaded = [load_tokenizer(t) if isinstance(t, (str, os.PathLike)) else t for t in tokenizers]
     if isinstance(inputs, Mapping):
         if split_fractions is not None:
             raise ValueError("split fractions cut one input file; got one file per split")
@@ -220,13 +231,13 @@ def prepare(
     else:
         splits = {name: _indexed(path) for name, path in files.items()}
     sources.write_dataset(splits, kind, out_dir, overwrite=overwrite,
-                          skip_malformed=skip_malformed)
+                          skip_malformed=skip_malformed, tokenizers=loaded, max_len=max_len)
     info = sources.dataset_info(out_dir)
     return PrepareReport(out_dir=os.fspath(out_dir), kind=kind, splits={
         name: SplitReport(input_path=os.fspath(files[name]), written=info["splits"][name],
                           skipped=info["skipped"][name],
                           content_sha256=info["content_sha256"][name])
-        for name in splits})
+        for name in splits}, tokens=info["tokens"])
 
 
 def _indexed(path: Path, assignment: np.ndarray | None = None,

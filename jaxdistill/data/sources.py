@@ -30,13 +30,14 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxdistill.data import tokens
 from jaxdistill.data.records import KINDS, RecordError, update_label_types, validate_record
 
 FORMAT_VERSION = "1.0.0"
@@ -134,16 +135,56 @@ class RecordsBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
 
 
 class JaxdistillRecords(RecordsBuilder):
-    """The builder behind `write_dataset`: records handed in by the caller."""
+    """The builder behind `write_dataset`: records handed in by the caller, optionally with
+    their token ids per tokenizer written to `tokens_dir` (beside tfds' own staging)."""
 
     def __init__(self, *, kind: str, splits: Mapping[str, Iterable], skip_malformed: bool,
-                 source_name: str | None, **kwargs):
+                 source_name: str | None, tokenizers: Sequence[Any] = (),
+                 max_len: int | None = None, tokens_dir: Path | None = None, **kwargs):
         self.KIND, self.SKIP_MALFORMED = kind, skip_malformed
         self._record_splits, self.source_name = splits, source_name
+        self.tokenizers, self.max_len, self.tokens_dir = list(tokenizers), max_len, tokens_dir
         super().__init__(**kwargs)
 
     def record_splits(self):
         return self._record_splits
+
+    def _generate_examples(self, split, records):
+        if not self.tokenizers:
+            yield from super()._generate_examples(split, records)
+            return
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        from jaxdistill.data.tokenizer import tokenizer_fingerprint, tokenizer_name
+
+        writers, entries = [], self.info.metadata.setdefault("tokens", {})
+        for tokenizer in self.tokenizers:
+            fingerprint = tokenizer_fingerprint(tokenizer)
+            key = tokens_key(fingerprint, self.max_len)
+            (self.tokens_dir / key).mkdir(parents=True, exist_ok=True)
+            path = self.tokens_dir / key / f"{split}.array_record"
+            writers.append((tokenizer, ArrayRecordWriter(os.fspath(path), "group_size:1")))
+            entry = entries.setdefault(key, {
+                "fingerprint": fingerprint, "name": tokenizer_name(tokenizer),
+                "max_len": self.max_len, "encoding_version": tokens.ENCODING_VERSION,
+                "splits": []})
+            entry["splits"] = sorted({*entry["splits"], split})
+        try:
+            for key, example in super()._generate_examples(split, records):
+                record = json.loads(example["record"])
+                for tokenizer, writer in writers:
+                    writer.write(tokens.pack_rows(tokens.encode_rows(
+                        self.KIND, record, tokenizer, self.max_len,
+                        where=f"{self.source_name or self.name}[{split}]: record {key}")))
+                yield key, example
+        finally:
+            for _, writer in writers:
+                writer.close()
+
+
+def tokens_key(fingerprint: str, max_len: int) -> str:
+    """Directory name of stored token ids: tokenizer, max_len and encoding layout."""
+    return f"{fingerprint[:16]}-len{max_len}-v{tokens.ENCODING_VERSION}"
 
 
 def write_dataset(
@@ -155,6 +196,8 @@ def write_dataset(
     overwrite: bool = False,
     skip_malformed: bool = False,
     source_name: str | None = None,
+    tokenizers: Sequence[Any] = (),
+    max_len: int | None = None,
 ) -> Path:
     """Validates and writes records of `kind` as splits of the array_record dataset `out_dir`.
 
@@ -163,8 +206,12 @@ def write_dataset(
     the splits not written here; rewriting one of its splits needs `overwrite`. Malformed
     records raise `RecordError` naming `source_name` (default: the dataset name and split) and
     the record index, or are skipped and counted in `metadata.json` with `skip_malformed`; a
-    split left with no records raises `EmptySplitError`. Returns `out_dir`.
+    split left with no records raises `EmptySplitError`. With `tokenizers` (and `max_len`),
+    each record's token ids under each tokenizer are stored beside it, and `make_dataset`
+    reads them instead of tokenising when tokenizer and max_len match. Returns `out_dir`.
     """
+    if tokenizers and not max_len:
+        raise ValueError("storing token ids needs max_len (the length they are truncated to)")
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
     splits = dict(records) if isinstance(records, Mapping) else {split: records}
@@ -185,10 +232,13 @@ def write_dataset(
     stage = out_dir.parent / f".{out_dir.name}.incomplete-{uuid.uuid4().hex[:8]}"
     try:
         builder = JaxdistillRecords(kind=kind, splits=splits, skip_malformed=skip_malformed,
-                                  source_name=source_name, data_dir=os.fspath(stage),
-                                  file_format="array_record")
+                                  source_name=source_name, tokenizers=tokenizers,
+                                  max_len=max_len, tokens_dir=stage / TOKENS_DIR,
+                                  data_dir=os.fspath(stage / "tfds"), file_format="array_record")
         builder.download_and_prepare()
         staged = Path(builder.data_dir)
+        if (stage / TOKENS_DIR).exists():
+            os.rename(stage / TOKENS_DIR, staged / TOKENS_DIR)
         if kept:
             _merge_splits(out_dir, staged, kept)
         if out_dir.exists():  # move the old dataset aside first, then swap in
@@ -306,6 +356,26 @@ class RecordSource:
         # Every split of a text dataset gives the same label keys: the union over splits.
         self.label_types = (merged_label_types(builder.info.metadata) if self.kind == "text"
                             else None)
+        self._dir, self._split = Path(data_dir), split
+        self._tokens = dict(builder.info.metadata.get("tokens", {}))
+
+    def stored_tokens(self, tokenizer, max_len: int) -> Sequence[bytes] | None:
+        """Token ids stored for this split by `tokenizer` at `max_len` (`tokens.unpack_rows`
+        reads each), or None: then the pipeline tokenises live."""
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        from jaxdistill.data.tokenizer import tokenizer_fingerprint
+
+        key = tokens_key(tokenizer_fingerprint(tokenizer), max_len)
+        entry = self._tokens.get(key)
+        path = self._dir / TOKENS_DIR / key / f"{self._split}.array_record"
+        if entry is None or self._split not in entry["splits"] or not path.is_file():
+            return None
+        stored = ArrayRecordDataSource([os.fspath(path)])
+        if len(stored) != len(self):
+            raise ValueError(f"{self.name}: {path} holds {len(stored)} token rows for "
+                             f"{len(self)} records; rewrite the split with `data prepare`")
+        return stored
 
     def __len__(self) -> int:
         return len(self._source)
