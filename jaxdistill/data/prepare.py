@@ -225,8 +225,12 @@ def prepare(
         (path,) = files.values()
         fractions = parse_fractions(split_fractions)
         assignment = _fraction_assignment(path, fractions, seed)
-        splits = {name: _indexed(path, assignment, number)
-                  for number, name in enumerate(FRACTION_SPLITS[: len(fractions)])}
+        names = FRACTION_SPLITS[: len(fractions)]
+        sizes = {name: int(np.sum(assignment == number)) for number, name in enumerate(names)}
+        if 0 in sizes.values():
+            raise ValueError(f"{path}: {int(np.sum(assignment >= 0))} records cut by fractions "
+                             f"{list(fractions)} leave a split empty: {sizes}")
+        splits = {name: _indexed(path, assignment, number) for number, name in enumerate(names)}
         files = {name: path for name in splits}
     else:
         splits = {name: _indexed(path) for name, path in files.items()}

@@ -270,6 +270,13 @@ def schema_markdown() -> str:
         "index, the field, what was expected and what was found (or is skipped and counted "
         "when `skip_malformed` is on).",
         "",
+        "Write them with `jaxdistill data prepare`: `--split NAME=FILE` once per split, or one "
+        "file cut by `--split-fractions 0.8,0.1,0.1 --seed S` into train, validation and test. "
+        "Splits already in `--out` are kept; `--overwrite` rewrites the ones named. "
+        "`--tokenizer DIR|builtin:NAME` (repeatable) with `--max-len N` stores each record's "
+        "token ids, which training with that tokenizer and `data.max_len` reads instead of "
+        "tokenising again.",
+        "",
     ]
     for kind, fields in SCHEMAS.items():
         parts += [f"### `{kind}`", "", "| field | type | required | meaning |", "|---|---|---|---|"]

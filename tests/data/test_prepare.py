@@ -68,6 +68,10 @@ def test_split_fractions_are_seeded_and_exact(tmp_path):
     assert all(qs == sorted(qs, key=lambda q: int(q[1:])) for qs in first.values())
     with pytest.raises(ValueError, match=r"summing to 1, found \[0.5, 0.6\]"):
         prepare(path, "pointwise", tmp_path / "d", split_fractions="0.5,0.6")
+    two = write_jsonl(tmp_path / "two.jsonl", records[:2])
+    with pytest.raises(ValueError, match=r"2 records cut by fractions .* leave a split empty: "
+                                         r"\{'train': 2, 'validation': 0\}"):
+        prepare(two, "pointwise", tmp_path / "e", split_fractions="0.9,0.1")
 
 
 def test_csv_columns_map_to_fields(tmp_path):
@@ -87,6 +91,24 @@ def test_csv_columns_map_to_fields(tmp_path):
     bad.write_text("query,document,member,member_features,grade\nq,d,,[],high\n")
     with pytest.raises(RecordError, match=r"bad\.csv: record 0: field 'grade': expected int"):
         prepare(bad, "pointwise", tmp_path / "bad_out")
+
+
+def test_csv_dotted_columns_nest_labels(tmp_path):
+    path = tmp_path / "mail.csv"
+    path.write_text("id,text,labels.spam,labels.topic,labels.score\n"
+                    "a1,\"win a prize, now\",1,2,0.5\n"
+                    "a2,hello,0,,\n")
+    prepare(path, "text", tmp_path / "out")
+    assert list(sources.open_source(tmp_path / "out")) == [
+        {"id": "a1", "text": "win a prize, now", "labels": {"spam": 1, "topic": 2, "score": 0.5}},
+        {"id": "a2", "text": "hello", "labels": {"spam": 0}}]
+    assert sources.dataset_info(tmp_path / "out")["label_types"] == {
+        "score": "float", "spam": "int", "topic": "int"}
+    clash = tmp_path / "clash.csv"
+    clash.write_text("text,labels,labels.spam\nhi,{},1\n")
+    with pytest.raises(ValueError, match=r"clash\.csv: header: column 'labels' and column "
+                                         r"'labels.spam' both give that field"):
+        prepare(clash, "text", tmp_path / "clash_out")
 
 
 def test_empty_or_all_malformed_input_names_the_file(tmp_path):
