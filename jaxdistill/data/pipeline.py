@@ -19,6 +19,7 @@ from absl import flags
 
 from jaxdistill.data import tokens
 from jaxdistill.data.records import NUM_GRADES, RecordError, update_label_types, validate_record
+from jaxdistill.data.tokenizer import tokenizer_fingerprint
 from jaxdistill.data.tokens import PAIR_KINDS
 
 PRIMARY = ""  # tokenizer key of the top-level inputs (extra tokenizers have non-empty keys)
@@ -51,14 +52,16 @@ class EncodeRecords(grain.transforms.Map):
     """Validates and tokenises one record (runs in grain worker processes when asked).
 
     `tokenizers` maps a key to a tokenizer: key `PRIMARY` is the student's (top-level
-    inputs), every other key K fills `tokens[K]`.
+    inputs), every other key K fills `tokens[K]`; `same_as` maps a key to the key of an equal
+    tokenizer (same fingerprint), whose rows it reuses.
     """
 
     def __init__(self, *, kind: str, tokenizers: Mapping[str, Any], source_name: str,
                  max_len: int, member_features_dim: int, action_names: Sequence[str],
                  list_size: int | None, pad_to_max_len: bool, skip_malformed: bool,
                  offline_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
-                 label_types: Mapping[str, str] | None = None):
+                 label_types: Mapping[str, str] | None = None,
+                 same_as: Mapping[str, str] | None = None):
         if kind == "listwise" and not list_size:
             raise ValueError("listwise data needs list_size (candidates per query), got "
                              f"{list_size!r}")
@@ -72,6 +75,8 @@ class EncodeRecords(grain.transforms.Map):
         self.pad_to_max_len, self.skip_malformed = pad_to_max_len, skip_malformed
         self.offline_shapes = {t: dict(o) for t, o in (offline_shapes or {}).items()}
         self.label_types = dict(label_types or {})
+        # Keys whose tokenizers give the same ids share one tokenisation.
+        self.same_as = {key: (same_as or {}).get(key, key) for key in self.tokenizers}
 
     def map(self, element: tuple[int, Any, Mapping[str, bytes]]):
         index, record, stored = element
@@ -89,10 +94,11 @@ class EncodeRecords(grain.transforms.Map):
                 return _Malformed(str(error))
             raise
         limit = self.list_size if self.kind == "listwise" else None
-        rows = {key: (tokens.unpack_rows(stored[key], limit) if key in stored else
-                      tokens.encode_rows(self.kind, record, tokenizer, self.max_len, limit=limit,
-                                         where=f"{self.source_name}: record {index}"))
-                for key, tokenizer in self.tokenizers.items()}
+        encoded = {key: (tokens.unpack_rows(stored[key], limit) if key in stored else
+                         tokens.encode_rows(self.kind, record, self.tokenizers[key], self.max_len,
+                                            limit=limit, where=f"{self.source_name}: record {index}"))
+                   for key in set(self.same_as.values())}
+        rows = {key: encoded[self.same_as[key]] for key in self.tokenizers}
         if self.kind == "chat":
             out = {**self._chat_inputs(rows[PRIMARY], self.tokenizers[PRIMARY].pad_token_id)}
         else:
@@ -142,6 +148,8 @@ class EncodeRecords(grain.transforms.Map):
                 dtype = np.int32 if kind == "int" else np.float32
                 out[f"label/{name}"] = dtype(labels.get(name, 0))
                 out[f"label_mask/{name}"] = np.float32(name in labels)
+            if self.offline_shapes:
+                out["offline"] = self._offline(record)
             return out
         items = (record["candidates"][: self.list_size] if self.kind == "listwise"
                  else [record])
@@ -319,11 +327,14 @@ def make_dataset(
         raise ValueError(f"extra_tokenizers keys must be non-empty names, got "
                          f"{sorted(map(repr, extra_tokenizers))}")
     tokenizers = {PRIMARY: tokenizer, **(extra_tokenizers or {})}
+    first_key: dict[str, str] = {}
+    same_as = {key: first_key.setdefault(tokenizer_fingerprint(each), key)
+               for key, each in tokenizers.items()}
     stored_of = getattr(source, "stored_tokens", None)
     stored = {}
     if stored_of is not None:
-        for key, each in tokenizers.items():
-            ids = stored_of(each, max_len)
+        for key in set(same_as.values()):
+            ids = stored_of(tokenizers[key], max_len)
             if ids is not None:
                 stored[key] = ids
 
@@ -341,7 +352,7 @@ def make_dataset(
         kind=kind, tokenizers=tokenizers, source_name=source_name, max_len=max_len,
         member_features_dim=member_features_dim, action_names=action_names,
         list_size=list_size, pad_to_max_len=not pack, skip_malformed=skip_malformed,
-        offline_shapes=offline_shapes, label_types=label_types))
+        offline_shapes=offline_shapes, label_types=label_types, same_as=same_as))
     read_options = grain.ReadOptions(
         num_threads=0 if worker_count else 2,
         prefetch_buffer_size=0 if worker_count else max(prefetch, 1) * batch_size)

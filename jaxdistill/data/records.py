@@ -99,6 +99,7 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
                       "label name -> class id (int), 0/1 flag or float; a record may lack "
                       "any label (its `label_mask/<name>` is 0). Batches carry `label/<name>`: "
                       "int32 if every value of that label is an int, else float32"),
+                _OFFLINE_FIELD,
         ),
 }
 
@@ -216,6 +217,8 @@ def validate_record(kind: str, record: Any, *, source: str, index: int) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                     isinstance(value, float) and not math.isfinite(value)):
                 check.fail(f"labels.{name}", "int or finite float (0/1 for flags)", value)
+        if "offline" in record:
+            check.offline(record["offline"], "offline")
         return
     check.text(record, "query", "query")
     check.member(record)

@@ -207,3 +207,17 @@ def test_listwise_extra_tokenizer_has_the_same_shapes(tokenizer, bert_tokenizer)
     np.testing.assert_array_equal(bert["token_type_ids"][1, 1, :len(ids["input_ids"])],
                                   ids["token_type_ids"])
     assert bert["attention_mask"][0, 1].sum() == 0  # the padded candidate
+
+
+def test_equal_tokenizers_share_one_tokenisation(tokenizer, monkeypatch):
+    from jaxdistill.data import tokens
+
+    calls = []
+    encode = tokens.encode_rows
+    monkeypatch.setattr(tokens, "encode_rows", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    again = load_tokenizer("builtin:wordpiece")  # another object, the same ids
+    batch = next(iter(make(pointwise_records(4), tokenizer, shuffle=False,
+                           extra_tokenizers={"teacher": again})))
+    assert len(calls) == 4  # once per record, not once per tokenizer
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        np.testing.assert_array_equal(batch["tokens"]["teacher"][key], batch[key])

@@ -159,3 +159,13 @@ def test_user_flow_prepare_three_splits_two_tokenizers(tokenizer, bert_tokenizer
     with pytest.raises(LabelError, match=r"label 'label/spams' is not a batch key.*'label/spam'"):
         check_labels(train, "text", [topic_term(label="label/spams")],
                      {"topic": ClassifierHead(classes=3)})
+
+
+def test_text_records_carry_cached_teacher_outputs(tokenizer):
+    records = [{"text": f"mail {i}", "labels": {"spam": i % 2},
+                "offline": {"judge": {"spam": [float(i), -float(i)]}}} for i in range(4)]
+    batch = next(iter(make(records, tokenizer, shuffle=False)))
+    np.testing.assert_array_equal(batch["offline"]["judge"]["spam"],
+                                  [[0, 0], [1, -1], [2, -2], [3, -3]])
+    with pytest.raises(RecordError, match=r"record 0: field 'offline.judge'"):
+        validate_record("text", {"text": "a", "offline": {"judge": {}}}, source="m", index=0)
