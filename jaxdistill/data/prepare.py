@@ -77,7 +77,8 @@ def _utf8_lines(path: Path) -> Iterator[str]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
-                yield raw.decode("utf-8")
+                # utf-8-sig on the first line: spreadsheet exports start with a byte-order mark.
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as error:
                 raise ValueError(
                     f"{path}: line {number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at "

@@ -95,7 +95,7 @@ def test_csv_columns_map_to_fields(tmp_path):
 
 def test_csv_dotted_columns_nest_labels(tmp_path):
     path = tmp_path / "mail.csv"
-    path.write_text("id,text,labels.spam,labels.topic,labels.score\n"
+    path.write_text("\ufeffid,text,labels.spam,labels.topic,labels.score\n"
                     "a1,\"win a prize, now\",1,2,0.5\n"
                     "a2,hello,0,,\n")
     prepare(path, "text", tmp_path / "out")

@@ -118,3 +118,21 @@ def test_prepare_parquet(tmp_path):
     pq.write_table(pa.Table.from_pylist(records, schema=table.schema), tmp_path / "bad.parquet")
     with pytest.raises(RecordError, match=r"bad\.parquet: record 1: field 'position'"):
         prepare(tmp_path / "bad.parquet", "impressions", tmp_path / "bad_out")
+
+
+def test_split_added_to_a_builder_subclass_dataset(tmp_path):
+    class TinyChats(sources.RecordsBuilder):
+        KIND = "chat"
+
+        def record_splits(self):
+            return {"train": [{"messages": [{"role": "user", "content": f"hi {i}"}]}
+                              for i in range(3)]}
+
+    builder = TinyChats(data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare()
+    extra = [{"messages": [{"role": "user", "content": "extra"}]}]
+    sources.write_dataset(extra, "chat", builder.data_dir, split="validation")
+    assert sources.dataset_info(builder.data_dir)["splits"] == {"train": 3, "validation": 1}
+    assert [r["messages"][0]["content"] for r in sources.open_source(builder.data_dir)] == [
+        "hi 0", "hi 1", "hi 2"]
+    assert list(sources.open_source(builder.data_dir, "validation")) == extra
