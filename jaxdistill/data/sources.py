@@ -17,6 +17,13 @@ Writes are atomic: tfds writes into a staging directory next to the target (its 
 half dataset at `out_dir`. Writing splits into an existing dataset keeps its other splits:
 their files are hard-linked (copied across file systems) into the staged dataset and their
 split entries and metadata merged, so adding a validation split never rewrites train.
+
+Token ids stored at write time (`tokenizers=`, `data prepare --tokenizer`) sit beside the
+records, outside tfds' features: `tokens/<fingerprint[:16]>-len<max_len>-v<layout>/<split>
+.array_record`, entry i = record i's rows as `tokens.pack_rows` bytes, listed under `tokens`
+in metadata.json. Raw int32 bytes rather than a JSON int list in the record: decoding a
+16-candidate list's ids takes ~14 us by `np.frombuffer` against ~370 us by `json.loads`, and
+tokenising it live ~4 ms (scripts/bench_input.py, 2 CPU cores).
 """
 
 from __future__ import annotations
