@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from jaxdistill.data import pipeline, sources, tokens
 from jaxdistill.data.tokenizer import load_tokenizer
@@ -103,6 +104,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     tfds.disable_progress_bar()
+    logging.set_verbosity(logging.WARNING)  # tfds' per-dataset "Downloading and preparing"
     tokenizer = load_tokenizer(args.tokenizer)
     sequences_per_s = args.batch_sequences / (args.step_ms / 1000)
     print(f"step consumption at linkedin: B={args.batch_sequences} sequences x T=512 tokens = "

@@ -22,8 +22,8 @@ Token ids stored at write time (`tokenizers=`, `data prepare --tokenizer`) sit b
 records, outside tfds' features: `tokens/<fingerprint[:16]>-len<max_len>-v<layout>/<split>
 .array_record`, entry i = record i's rows as `tokens.pack_rows` bytes, listed under `tokens`
 in metadata.json. Raw int32 bytes rather than a JSON int list in the record: decoding a
-16-candidate list's ids takes ~14 us by `np.frombuffer` against ~370 us by `json.loads`, and
-tokenising it live ~4 ms (scripts/bench_input.py, 2 CPU cores).
+16-candidate list's ids took 15-90 us by `np.frombuffer` against ~400 us by `json.loads`, and
+tokenising it live 4-6 ms (scripts/bench_input.py on 2 busy CPU cores).
 """
 
 from __future__ import annotations
