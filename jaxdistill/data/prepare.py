@@ -210,6 +210,9 @@ def prepare(
 
     if tokenizers and (max_len is None or max_len < 2):
         raise ValueError(f"storing token ids needs max_len >= 2 (--max-len), got {max_len}")
+    if max_len is not None and not tokenizers:
+        raise ValueError(f"max_len {max_len} is the length of stored token ids; name the "
+                         "tokenizer(s) to store them for (--tokenizer)")
     loaded = [load_tokenizer(t) if isinstance(t, (str, os.PathLike)) else t for t in tokenizers]
     if isinstance(inputs, Mapping):
         if split_fractions is not None:

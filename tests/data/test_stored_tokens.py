@@ -102,6 +102,10 @@ def test_chat_stored_ids_carry_the_loss_mask(tokenizer, tmp_path, monkeypatch):
     prepare_path = tmp_path / "chat.jsonl"
     prepare_path.write_text("".join(json.dumps(r) + "\n" for r in chat))
     prepare(prepare_path, "chat", tmp_path / "chat", tokenizers=[tokenizer], max_len=24)
+    with pytest.raises(ValueError, match="storing token ids needs max_len"):
+        prepare(prepare_path, "chat", tmp_path / "x", tokenizers=[tokenizer])
+    with pytest.raises(ValueError, match=r"name the tokenizer\(s\)"):
+        prepare(prepare_path, "chat", tmp_path / "x", max_len=24)
     live = batches(chat, tokenizer, kind="chat", max_len=24)
     with monkeypatch.context() as patch:
         no_live_tokenising(patch)
