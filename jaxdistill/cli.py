@@ -207,9 +207,27 @@ def _tokenizer_dir(spec: str, scratch: str) -> str:
 def cmd_data_prepare(args) -> None:
     from jaxdistill.data.prepare import prepare
 
-    report = prepare(args.input, args.kind, args.out, split=args.split,
-                     skip_malformed=args.skip_malformed, overwrite=args.overwrite)
-    _print_json(vars(report))
+    named = [s for s in args.split or () if "=" in s]
+    if named:
+        if len(named) != len(args.split) or args.input or args.split_fractions:
+            raise UserError("--split NAME=FILE gives each split its own file: use it for every "
+                            "split, with no positional INPUT and no --split-fractions")
+        inputs = dict(s.split("=", 1) for s in named)
+        if len(inputs) != len(named) or not all(k and v for k, v in inputs.items()):
+            raise UserError(f"--split: expected distinct NAME=FILE pairs, got {named}")
+        split = "train"
+    else:
+        if not args.input:
+            raise UserError("no input: give INPUT (one file) or --split NAME=FILE per split")
+        if args.split and (len(args.split) > 1 or args.split_fractions):
+            raise UserError("with one INPUT, give one --split NAME, or --split-fractions "
+                            "(which names the splits train, validation, test)")
+        inputs, split = args.input, (args.split or ["train"])[0]
+    report = prepare(inputs, args.kind, args.out, split=split,
+                     split_fractions=args.split_fractions, seed=args.seed,
+                     skip_malformed=args.skip_malformed, overwrite=args.overwrite,
+                     tokenizers=args.tokenizer, max_len=args.max_len)
+    _print_json(report.to_json())
 
 
 def cmd_inspect_config(args) -> None:
@@ -334,7 +352,10 @@ teacher by running cache-teacher again on a config whose data.path is the first 
 Task heads travel in jaxdistill_heads.json / jaxdistill_heads.safetensors beside the HF files.""",
     "data": """examples:
   jaxdistill data prepare logs.jsonl --kind listwise --out data/job_search
-  jaxdistill data prepare val.parquet --kind listwise --out data/job_search_val --split validation""",
+  jaxdistill data prepare val.parquet --kind listwise --out data/job_search --split validation
+  jaxdistill data prepare --kind text --out data/mail --split train=train.csv \\
+      --split validation=val.jsonl
+  jaxdistill data prepare all.jsonl --kind text --out data/mail --split-fractions 0.8,0.1,0.1""",
     "inspect": """examples:
   jaxdistill inspect config configs/examples/student.yaml --set trainer.steps=10
   jaxdistill inspect checkpoint runs/student
@@ -450,18 +471,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = command("data", "dataset tools", "Dataset tools.")
     data_commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    p = command("prepare", "JSONL/Parquet records -> a validated dataset",
-                "Validate JSONL or Parquet records against a record kind's schema (see "
-                "docs/configs.md) and write them as an array_record dataset.", "data",
-                sub=data_commands)
-    p.add_argument("input", help=".jsonl or .parquet file")
-    p.add_argument("--kind", required=True,
-                   choices=("pointwise", "listwise", "impressions", "chat"), help="record kind")
+    from jaxdistill.data.records import KINDS  # plain Python: no jax at parse time
+
+    p = command("prepare", "JSONL/Parquet/CSV records -> splits of a validated dataset",
+                "Validate JSONL, Parquet or CSV records against a record kind's schema (see "
+                "docs/configs.md) and write them as splits of an array_record dataset. Splits "
+                "already in --out and not written now are kept.", "data", sub=data_commands)
+    p.add_argument("input", nargs="?",
+                   help=".jsonl, .parquet or .csv file (or give --split NAME=FILE instead)")
+    p.add_argument("--kind", required=True, choices=KINDS, help="record kind")
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--split", default="train", help="split name to write (default: train)")
+    p.add_argument("--split", action="append", metavar="NAME[=FILE]",
+                   help="NAME=FILE: write FILE as split NAME (repeatable); NAME alone: the "
+                        "split INPUT is written as (default: train)")
+    p.add_argument("--split-fractions", metavar="F1,F2[,F3]",
+                   help="cut INPUT into train,validation[,test] by these fractions (seeded "
+                        "shuffle, exact sizes), e.g. 0.8,0.1,0.1")
+    p.add_argument("--seed", type=int, default=0, help="seed of --split-fractions (default: 0)")
     p.add_argument("--skip-malformed", action="store_true",
                    help="skip and count records that break the schema instead of failing")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rewrite splits that --out already has (its other splits are kept)")
+    p.add_argument("--tokenizer", action="append", default=[], metavar="DIR|builtin:NAME",
+                   help="store each record's token ids under this tokenizer (repeatable; "
+                        "needs --max-len); training with it at that max_len reads them "
+                        "instead of tokenising")
+    p.add_argument("--max-len", type=int, help="length the stored token ids are truncated to "
+                                               "(= data.max_len of the configs that read them)")
     p.set_defaults(handler=cmd_data_prepare)
 
     inspect = command("inspect", "look at configs, checkpoints, datasets, HF directories",

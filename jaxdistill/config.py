@@ -156,7 +156,7 @@ class DataSection(_Section):
     path: str = Field(description="dataset directory written by `data prepare` or a builder")
     train_split: str = "train"
     eval_split: str | None = "validation"
-    kind: Literal["pointwise", "listwise", "impressions", "chat"]
+    kind: Literal["pointwise", "listwise", "impressions", "chat", "text"]
     tokenizer: str = Field(description="local HF tokenizer directory or 'builtin:...'")
     max_len: int = Field(default=128, ge=2)
     batch_size: int = Field(default=32, ge=1)

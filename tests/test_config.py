@@ -70,7 +70,7 @@ def test_unknown_key_in_file_names_file(tmp_path):
                           "an integer, found 'abc'"),
     ("data.batch_size=[8]", "data.batch_size: expected a valid integer, found [8]"),
     ("model.backbone.hidden=null", "model.backbone.hidden: expected a valid integer, found None"),
-    ("data.kind=table", "data.kind: expected 'pointwise', 'listwise', 'impressions' or 'chat', "
+    ("data.kind=table", "data.kind: expected 'pointwise', 'listwise', 'impressions', 'chat' or 'text', "
                         "found 'table'"),
     ("trainer=3", "trainer: expected a valid dictionary or instance of TrainerSection, found 3"),
     ("model.backbone.type=lstm",

@@ -1,33 +1,9 @@
 """grain input pipelines: record source -> shard -> shuffle -> tokenise -> (pack) -> batch.
 
 `make_dataset` returns a `grain.IterDataset` whose elements are batches, dicts of numpy
-arrays (the batch contract below). `iter(dataset)` gives an iterator whose state
+arrays (the batch contract is in its docstring). `iter(dataset)` gives an iterator whose state
 (`iterator_state` / `restore_iterator`, thin over grain's `get_state`/`set_state`) is saved
 with the checkpoint, so a resumed run continues at the exact next example.
-
-Batch contract (B batch, T = max_len, N = list_size, F member features, K = len(action_names)):
-
-- pointwise / impressions: `input_ids`, `attention_mask` (1 = real token, right padding,
-  pad id = the tokenizer's), `token_type_ids` (0 = query + member, 1 = document) int32 [B, T];
-  `grade` int32 [B]; `grade_probs` float32 [B, 5] (one-hot of `grade` where the record has
-  none) with `grade_probs_mask` float32 [B] (1 = the record had soft labels);
-  `member_features` float32 [B, F]; `position` int32 [B] (0 for pointwise);
-  `actions`, `action_mask` float32 [B, K] (mask 0 where the record lacks that action).
-- listwise: the candidate fields gain an axis: [B, N, T], [B, N], [B, N, 5], [B, N, K];
-  `candidate_mask` float32 [B, N]; `member_features` [B, F]. Lists are cut to their first N
-  candidates or padded; a candidate without a position gets its index in the list.
-- chat: `input_ids`, `attention_mask`, `loss_mask` (1 on assistant tokens, including the
-  end-of-message token) int32 [B, T]; with `pack=True` also `segment_ids` (1, 2, ... per packed
-  conversation, 0 on padding) and `positions` [B, T].
-- records carrying cached teacher outputs (`offline`, written by `jaxdistill cache-teacher`):
-  `offline` {teacher: {output: float32 [B, ...]}} (listwise: [B, N, ...], zeros on padding),
-  read by the step as an offline teacher's outputs.
-- with `skip_malformed=True`: `batch_malformed` int32 scalar, the malformed records skipped
-  since the previous batch (sum it at the metric cadence).
-
-Pair kinds are encoded as tokenizer pairs: first segment the query plus (when non-empty) the
-member text on a new line, second segment the document, truncating the longest segment to
-`max_len`. Chat is rendered with the tokenizer's chat template.
 """
 
 from __future__ import annotations
@@ -41,22 +17,28 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxdistill.data.records import NUM_GRADES, RecordError, validate_record
+from jaxdistill.data import tokens
+from jaxdistill.data.records import NUM_GRADES, RecordError, update_label_types, validate_record
+from jaxdistill.data.tokenizer import tokenizer_fingerprint
+from jaxdistill.data.tokens import PAIR_KINDS
 
-PAIR_KINDS = ("pointwise", "impressions", "listwise")
+PRIMARY = ""  # tokenizer key of the top-level inputs (extra tokenizers have non-empty keys)
 
 
 class _IndexedSource:
-    """Pairs each record with its index in the split, so errors name the true index."""
+    """Pairs each record with its index in the split (errors and `record_index` name it) and
+    with its stored token ids, {tokenizer key: bytes}, for the tokenizers that have them."""
 
-    def __init__(self, source: Sequence[Mapping[str, Any]]):
-        self._source = source
+    def __init__(self, source: Sequence[Mapping[str, Any]],
+                 stored: Mapping[str, Sequence[bytes]]):
+        self._source, self._stored = source, dict(stored)
 
     def __len__(self) -> int:
         return len(self._source)
 
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        return int(index), self._source[index]
+    def __getitem__(self, index: int) -> tuple[int, Any, dict[str, bytes]]:
+        index = int(index)
+        return index, self._source[index], {k: v[index] for k, v in self._stored.items()}
 
 
 class _Malformed:
@@ -67,29 +49,41 @@ class _Malformed:
 
 
 class EncodeRecords(grain.transforms.Map):
-    """Validates and tokenises one record (runs in grain worker processes when asked)."""
+    """Validates and tokenises one record (runs in grain worker processes when asked).
 
-    def __init__(self, *, kind: str, tokenizer, source_name: str, max_len: int,
-                 member_features_dim: int, action_names: Sequence[str], list_size: int | None,
-                 pad_to_max_len: bool, skip_malformed: bool,
-                 offline_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None):
+    `tokenizers` maps a key to a tokenizer: key `PRIMARY` is the student's (top-level
+    inputs), every other key K fills `tokens[K]`; `same_as` maps a key to the key of an equal
+    tokenizer (same fingerprint), whose rows it reuses.
+    """
+
+    def __init__(self, *, kind: str, tokenizers: Mapping[str, Any], source_name: str,
+                 max_len: int, member_features_dim: int, action_names: Sequence[str],
+                 list_size: int | None, pad_to_max_len: bool, skip_malformed: bool,
+                 offline_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
+                 label_types: Mapping[str, str] | None = None,
+                 same_as: Mapping[str, str] | None = None):
         if kind == "listwise" and not list_size:
             raise ValueError("listwise data needs list_size (candidates per query), got "
                              f"{list_size!r}")
-        if kind == "chat" and not tokenizer.chat_template:
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; chat "
-                             "data needs one (the built-in tokenizer has one)")
-        self.kind, self.tokenizer, self.source_name = kind, tokenizer, source_name
+        for tokenizer in tokenizers.values():
+            if kind == "chat" and not tokenizer.chat_template:
+                raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; "
+                                 "chat data needs one (the built-in tokenizer has one)")
+        self.kind, self.tokenizers, self.source_name = kind, dict(tokenizers), source_name
         self.max_len, self.member_features_dim = max_len, member_features_dim
         self.action_names, self.list_size = tuple(sorted(action_names)), list_size
         self.pad_to_max_len, self.skip_malformed = pad_to_max_len, skip_malformed
         self.offline_shapes = {t: dict(o) for t, o in (offline_shapes or {}).items()}
+        self.label_types = dict(label_types or {})
+        # Keys whose tokenizers give the same ids share one tokenisation.
+        self.same_as = {key: (same_as or {}).get(key, key) for key in self.tokenizers}
 
-    def map(self, element: tuple[int, Any]) -> dict[str, np.ndarray] | _Malformed:
-        index, record = element
+    def map(self, element: tuple[int, Any, Mapping[str, bytes]]):
+        index, record, stored = element
         try:
             validate_record(self.kind, record, source=self.source_name, index=index)
-            if self.kind != "chat" and len(record["member_features"]) != self.member_features_dim:
+            if (self.kind not in ("chat", "text")
+                    and len(record["member_features"]) != self.member_features_dim):
                 raise RecordError(self.source_name, index, "member_features",
                                   f"{self.member_features_dim} floats (member_features_dim, "
                                   "or the first record's width when unset)", f"{len(record['member_features'])} floats")
@@ -99,9 +93,25 @@ class EncodeRecords(grain.transforms.Map):
             if self.skip_malformed:
                 return _Malformed(str(error))
             raise
+        limit = self.list_size if self.kind == "listwise" else None
+        encoded = {key: (tokens.unpack_rows(stored[key], limit) if key in stored else
+                         tokens.encode_rows(self.kind, record, self.tokenizers[key], self.max_len,
+                                            limit=limit, where=f"{self.source_name}: record {index}"))
+                   for key in set(self.same_as.values())}
+        rows = {key: encoded[self.same_as[key]] for key in self.tokenizers}
         if self.kind == "chat":
-            return self._encode_chat(record, index)
-        return self._encode_pairs(record)
+            out = {**self._chat_inputs(rows[PRIMARY], self.tokenizers[PRIMARY].pad_token_id)}
+        else:
+            out = {**self._pair_inputs(rows[PRIMARY], self.tokenizers[PRIMARY].pad_token_id),
+                   **self._labels(record)}
+        extra = {key: (self._chat_inputs if self.kind == "chat" else self._pair_inputs)(
+                     rows[key], tokenizer.pad_token_id)
+                 for key, tokenizer in self.tokenizers.items() if key != PRIMARY}
+        if extra:
+            out["tokens"] = extra
+        if self.pad_to_max_len:  # packed rows hold several records: no single index
+            out["record_index"] = np.int32(index)
+        return out
 
     def _check_offline(self, record: Mapping[str, Any], index: int) -> None:
         items = (record["candidates"][: self.list_size] if self.kind == "listwise" else [record])
@@ -118,91 +128,60 @@ class EncodeRecords(grain.transforms.Map):
                                           f"an array of shape {shape} (as the first record)",
                                           "missing" if value is None else f"shape {found}")
 
-    def _offline(self, item: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
-        offline = item.get("offline", {})
-        return {teacher: {output: np.asarray(offline[teacher][output], np.float32)
-                          for output in shapes}
-                for teacher, shapes in self.offline_shapes.items()}
+    def _pair_inputs(self, rows: list[tokens.Row], pad_id: int) -> dict[str, np.ndarray]:
+        return tokens.token_arrays(rows, pad_id, self.max_len,
+                                   self.list_size if self.kind == "listwise" else None)
 
-    def _pad(self, ids: list[int], value: int) -> np.ndarray:
-        out = np.full(self.max_len, value, np.int32)
-        out[: len(ids)] = ids
-        return out
+    def _chat_inputs(self, rows: list[tokens.Row], pad_id: int) -> dict[str, np.ndarray]:
+        ((ids, loss),) = rows
+        if not self.pad_to_max_len:  # packing pads later
+            return {"input_ids": ids, "loss_mask": loss.astype(np.int32)}
+        arrays = tokens.token_arrays(rows, pad_id, self.max_len)
+        return {"input_ids": arrays["input_ids"], "attention_mask": arrays["attention_mask"],
+                "loss_mask": arrays["token_type_ids"]}
 
-    def _encode_pairs(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        first = record["query"] + ("\n" + record["member"] if record["member"].strip() else "")
-        candidates = (record["candidates"][: self.list_size] if self.kind == "listwise"
-                      else [record])
-        encodings = self.tokenizer(
-            [first] * len(candidates), [c["document"] for c in candidates],
-            truncation="longest_first", max_length=self.max_len, return_token_type_ids=False,
-            return_attention_mask=False)
-        pad_id = self.tokenizer.pad_token_id
-        rows = []
-        for i, candidate in enumerate(candidates):
-            ids = encodings["input_ids"][i]
-            sequence_ids = encodings.sequence_ids(i)
-            # Segment B starts at its first token; specials after it (a closing [SEP]) belong
-            # to B, as in BERT. Works for tokenizers with or without a pair template.
-            start = next((t for t, s in enumerate(sequence_ids) if s == 1), len(ids))
-            grade = candidate["grade"] if self.kind != "impressions" else 0
-            probs = candidate.get("grade_probs")
-            actions = candidate.get("actions", {})
+    def _labels(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        if self.kind == "text":
+            labels = record.get("labels", {})
+            out = {}
+            for name, kind in self.label_types.items():
+                dtype = np.int32 if kind == "int" else np.float32
+                out[f"label/{name}"] = dtype(labels.get(name, 0))
+                out[f"label_mask/{name}"] = np.float32(name in labels)
             if self.offline_shapes:
-                rows.append({"offline": self._offline(candidate)})
-            else:
-                rows.append({})
-            rows[-1].update({
-                "input_ids": self._pad(ids, pad_id),
-                "attention_mask": self._pad([1] * len(ids), 0),
-                "token_type_ids": self._pad([0] * start + [1] * (len(ids) - start), 0),
+                out["offline"] = self._offline(record)
+            return out
+        items = (record["candidates"][: self.list_size] if self.kind == "listwise"
+                 else [record])
+        rows = []
+        for i, item in enumerate(items):
+            grade = item["grade"] if self.kind != "impressions" else 0
+            probs = item.get("grade_probs")
+            actions = item.get("actions", {})
+            rows.append({
                 "grade": np.int32(grade),
                 "grade_probs": (np.asarray(probs, np.float32) if probs is not None
                                 else np.eye(NUM_GRADES, dtype=np.float32)[grade]),
                 "grade_probs_mask": np.float32(probs is not None),
-                "position": np.int32(candidate.get("position", i if self.kind == "listwise"
-                                                    else 0)),
+                "position": np.int32(item.get("position", i if self.kind == "listwise" else 0)),
                 "actions": np.array([actions.get(a, 0) for a in self.action_names], np.float32),
                 "action_mask": np.array([a in actions for a in self.action_names], np.float32),
+                **({"offline": self._offline(item)} if self.offline_shapes else {}),
             })
         features = {"member_features": np.asarray(record["member_features"], np.float32)}
         if self.kind != "listwise":
             return {**rows[0], **features}
         n_real = len(rows)
-        blank = jax.tree.map(np.zeros_like, rows[0])
-        blank["input_ids"] = np.full_like(rows[0]["input_ids"], pad_id)
-        rows += [blank] * (self.list_size - n_real)
+        rows += [jax.tree.map(np.zeros_like, rows[0])] * (self.list_size - n_real)
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *rows)
         stacked["candidate_mask"] = (np.arange(self.list_size) < n_real).astype(np.float32)
         return {**stacked, **features}
 
-    def _encode_chat(self, record: Mapping[str, Any], index: int) -> dict[str, np.ndarray]:
-        messages = record["messages"]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        # Train on each assistant message from its content to the end of its rendered span
-        # (so the end-of-message token is learned), not on the template's role header.
-        trained_spans, span_start = [], 0
-        for i, message in enumerate(messages):
-            prefix = self.tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-            if not text.startswith(prefix):
-                raise ValueError(
-                    f"{self.source_name}: record {index}: the chat template of "
-                    f"{self.tokenizer.name_or_path!r} does not render conversations "
-                    "prefix-consistently, so assistant tokens cannot be located")
-            if message["role"] == "assistant":
-                content_start = text.find(message["content"], span_start, len(prefix))
-                trained_spans.append((max(content_start, span_start), len(prefix)))
-            span_start = len(prefix)
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                                  truncation=True, max_length=self.max_len)
-        ids = encoding["input_ids"]
-        loss = [int(any(lo <= start < hi for lo, hi in trained_spans))
-                for start, _ in encoding["offset_mapping"]]
-        if not self.pad_to_max_len:  # packing pads later
-            return {"input_ids": np.asarray(ids, np.int32), "loss_mask": np.asarray(loss, np.int32)}
-        return {"input_ids": self._pad(ids, self.tokenizer.pad_token_id),
-                "attention_mask": self._pad([1] * len(ids), 0),
-                "loss_mask": self._pad(loss, 0)}
+    def _offline(self, item: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+        offline = item.get("offline", {})
+        return {teacher: {output: np.asarray(offline[teacher][output], np.float32)
+                          for output in shapes}
+                for teacher, shapes in self.offline_shapes.items()}
 
 
 class _SkipMalformedIterator(grain.DatasetIterator):
@@ -251,6 +230,7 @@ def make_dataset(
     source: Sequence[Mapping[str, Any]],
     *,
     tokenizer,
+    extra_tokenizers: Mapping[str, Any] | None = None,
     kind: str | None = None,
     max_len: int,
     batch_size: int,
@@ -260,6 +240,7 @@ def make_dataset(
     list_size: int | None = None,
     action_names: Sequence[str] = (),
     member_features_dim: int | None = None,
+    label_types: Mapping[str, str] | None = None,
     pack: bool = False,
     shard_index: int | None = None,
     shard_count: int | None = None,
@@ -281,23 +262,83 @@ def make_dataset(
     Cached teacher outputs (`offline`) go into every batch with the shapes of the split's
     first record (per candidate for listwise) unless `offline_shapes` ({teacher: {output:
     shape}}, `{}` for none) says otherwise; a record lacking one fails like a malformed one.
+
+    Tokenisation: each record's text is tokenised once per distinct tokenizer: `tokenizer`
+    (the student's) gives the top-level inputs, each `extra_tokenizers[K]` gives
+    `tokens[K]`. Token ids stored with the dataset by `data prepare --tokenizer` are read
+    instead of tokenising when the tokenizer's fingerprint and `max_len` match.
+
+    Batch contract (B batch, T = max_len, N = list_size, F member features,
+    K = len(action_names), sorted by name):
+
+    - pointwise / impressions: `input_ids`, `attention_mask` (1 = real token, right padding,
+      pad id = the tokenizer's), `token_type_ids` (0 = query + member, 1 = document) int32
+      [B, T]; `grade` int32 [B]; `grade_probs` float32 [B, 5] (one-hot of `grade` where the
+      record has none) with `grade_probs_mask` float32 [B] (1 = the record had soft labels);
+      `member_features` float32 [B, F]; `position` int32 [B] (0 for pointwise);
+      `actions`, `action_mask` float32 [B, K] (mask 0 where the record lacks that action).
+    - listwise: the candidate fields gain an axis: [B, N, T], [B, N], [B, N, 5], [B, N, K];
+      `candidate_mask` float32 [B, N]; `member_features` [B, F]. Lists are cut to their first
+      N candidates or padded; a candidate without a position gets its index in the list.
+    - text: `input_ids`, `attention_mask`, `token_type_ids` (0 = text, 1 = text_pair) int32
+      [B, T]; per label name L of the dataset (`label_types`, {L: "int" | "float"}, default:
+      the dataset's metadata, or a scan of an in-memory source): `label/L` [B], int32 for an
+      int label (class ids, 0/1 flags), float32 for a float one, 0 where absent, and
+      `label_mask/L` float32 [B] (0 where the record lacks that label).
+    - chat: `input_ids`, `attention_mask`, `loss_mask` (1 on assistant tokens, including the
+      end-of-message token) int32 [B, T]; with `pack=True` also `segment_ids` (1, 2, ... per
+      packed conversation, 0 on padding) and `positions` [B, T].
+    - every kind but packed chat: `record_index` int32 [B], the record's index in its split
+      (map predictions back to records and their ids).
+    - with `extra_tokenizers`: `tokens` {K: {"input_ids", "attention_mask", "token_type_ids"}}
+      each int32 with the top-level inputs' shape ([B, T]; listwise [B, N, T]) and max_len,
+      under tokenizer K (chat: `input_ids`, `attention_mask`, `loss_mask`).
+    - records carrying cached teacher outputs (`offline`, written by `jaxdistill
+      cache-teacher`): `offline` {teacher: {output: float32 [B, ...]}} (listwise:
+      [B, N, ...], zeros on padding), read by the step as an offline teacher's outputs.
+    - with `skip_malformed=True`: `batch_malformed` int32 scalar, the malformed records
+      skipped since the previous batch (sum it at the metric cadence).
+
+    Pair kinds are encoded as tokenizer pairs: first segment the query plus (when non-empty)
+    the member text on a new line, second segment the document, truncating the longest
+    segment to `max_len`. Chat is rendered with the tokenizer's chat template.
     """
     kind = kind or getattr(source, "kind", None)
     if kind not in ("chat", *PAIR_KINDS):
         raise ValueError(f"unknown or missing record kind {kind!r}; pass kind=")
     if pack and kind != "chat":
         raise ValueError(f"pack=True is supported for chat data only, not {kind!r}")
+    if pack and extra_tokenizers:
+        raise ValueError("pack=True with extra_tokenizers: each tokenizer would pack rows "
+                         "differently; pack with one tokenizer")
     if shard_index is None or shard_count is None:
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
     source_name = getattr(source, "name", type(source).__name__)
     if member_features_dim is None:
-        member_features_dim = 0 if kind == "chat" else len(source[0].get("member_features", []))
+        member_features_dim = (0 if kind in ("chat", "text")
+                               else len(source[0].get("member_features", [])))
     if offline_shapes is None:
         offline_shapes = {} if kind == "chat" else offline_shapes_of(source[0], kind)
+    if label_types is None and kind == "text":
+        label_types = label_types_of(source)
+    if any(not isinstance(key, str) or not key for key in extra_tokenizers or {}):
+        raise ValueError(f"extra_tokenizers keys must be non-empty names, got "
+                         f"{sorted(map(repr, extra_tokenizers))}")
+    tokenizers = {PRIMARY: tokenizer, **(extra_tokenizers or {})}
+    first_key: dict[str, str] = {}
+    same_as = {key: first_key.setdefault(tokenizer_fingerprint(each), key)
+               for key, each in tokenizers.items()}
+    stored_of = getattr(source, "stored_tokens", None)
+    stored = {}
+    if stored_of is not None:
+        for key in set(same_as.values()):
+            ids = stored_of(tokenizers[key], max_len)
+            if ids is not None:
+                stored[key] = ids
 
-    dataset = grain.MapDataset.source(_IndexedSource(source))
+    dataset = grain.MapDataset.source(_IndexedSource(source, stored))
     # Equal shards (the remainder is dropped) keep every host stepping in lockstep.
     per_shard = len(dataset) // shard_count
     if per_shard == 0:
@@ -308,10 +349,10 @@ def make_dataset(
     if num_epochs != 1:
         dataset = dataset.repeat(num_epochs)
     dataset = dataset.map(EncodeRecords(
-        kind=kind, tokenizer=tokenizer, source_name=source_name, max_len=max_len,
+        kind=kind, tokenizers=tokenizers, source_name=source_name, max_len=max_len,
         member_features_dim=member_features_dim, action_names=action_names,
         list_size=list_size, pad_to_max_len=not pack, skip_malformed=skip_malformed,
-        offline_shapes=offline_shapes))
+        offline_shapes=offline_shapes, label_types=label_types, same_as=same_as))
     read_options = grain.ReadOptions(
         num_threads=0 if worker_count else 2,
         prefetch_buffer_size=0 if worker_count else max(prefetch, 1) * batch_size)
@@ -347,6 +388,42 @@ def offline_shapes_of(record: Mapping[str, Any], kind: str) -> dict[str, dict[st
         return {}
     return {teacher: {name: np.shape(value) for name, value in outputs.items()}
             for teacher, outputs in offline.items() if isinstance(outputs, Mapping)}
+
+
+def batch_keys(kind: str, *, label_types: Mapping[str, str] | None = None,
+               pack: bool = False, skip_malformed: bool = False) -> set[str]:
+    """The top-level keys of `kind`'s batches (see `make_dataset`), for start-up checks of
+    the keys a config reads; `offline` and `tokens` come with the data and tokenizers."""
+    if kind == "chat":
+        keys = {"input_ids", "attention_mask", "loss_mask"}
+        keys |= {"segment_ids", "positions"} if pack else {"record_index"}
+    elif kind == "text":
+        keys = {"input_ids", "attention_mask", "token_type_ids", "record_index"}
+        keys |= {f"{prefix}/{name}" for name in label_types or {}
+                 for prefix in ("label", "label_mask")}
+    else:
+        keys = {"input_ids", "attention_mask", "token_type_ids", "record_index", "grade",
+                "grade_probs", "grade_probs_mask", "member_features", "position", "actions",
+                "action_mask"}
+        if kind == "listwise":
+            keys.add("candidate_mask")
+    if skip_malformed:
+        keys.add("batch_malformed")
+    return keys
+
+
+def label_types_of(source: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """{label: "int" | "float"} of a text source: its dataset's metadata (`label_types`), or
+    a scan of every record of an in-memory one."""
+    known = getattr(source, "label_types", None)
+    if known is not None:
+        return dict(known)
+    label_types: dict[str, str] = {}
+    for record in source:
+        labels = record.get("labels", {}) if isinstance(record, Mapping) else {}
+        if isinstance(labels, Mapping):
+            update_label_types(label_types, labels)
+    return dict(sorted(label_types.items()))
 
 
 def iterator_state(iterator: grain.DatasetIterator) -> dict[str, Any]:

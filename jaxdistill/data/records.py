@@ -1,11 +1,13 @@
 """Record schemas: one small typed spec per kind, validation with precise errors, docs.
 
-A record is a plain JSON-like dict (str, int, float, list, dict). Four kinds:
+A record is a plain JSON-like dict (str, int, float, list, dict). Five kinds:
 
 - ``pointwise``: one (query, member, document) pair with a 0-4 policy grade.
 - ``listwise``: one query with N graded candidates.
 - ``impressions``: one shown document with its position and the member's actions.
 - ``chat``: a conversation, a list of role/content messages.
+- ``text``: a text (or text pair) with any number of named labels (class ids, 0/1 flags,
+  floats), so one dataset feeds several heads.
 
 ``validate_record`` is the single edge check used by ``prepare`` (JSONL/Parquet import),
 ``write_dataset`` (built-in workloads) and the pipeline (records read back from disk), so a
@@ -17,7 +19,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-KINDS = ("pointwise", "listwise", "impressions", "chat")
+KINDS = ("pointwise", "listwise", "impressions", "chat", "text")
 NUM_GRADES = 5  # policy rubric grades 0..4
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -87,6 +89,17 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
                 Field("messages", "list[message]", True, "at least one message"),
                 Field("messages[].role", "str", True, f"one of {', '.join(CHAT_ROLES)}"),
                 Field("messages[].content", "str", True, "message text; non-empty"),
+        ),
+        "text": (
+                Field("id", "str or int", False, "the caller's id of the record (the batch's "
+                      "`record_index` maps predictions back to records)"),
+                Field("text", "str", True, "the text; non-empty"),
+                Field("text_pair", "str", False, "a second segment (token_type_ids 1); non-empty"),
+                Field("labels", "dict[str, int or float]", False,
+                      "label name -> class id (int), 0/1 flag or float; a record may lack "
+                      "any label (its `label_mask/<name>` is 0). Batches carry `label/<name>`: "
+                      "int32 if every value of that label is an int, else float32"),
+                _OFFLINE_FIELD,
         ),
 }
 
@@ -188,6 +201,25 @@ def validate_record(kind: str, record: Any, *, source: str, index: int) -> None:
                 check.fail(f"{path}.role", f"one of {', '.join(CHAT_ROLES)}", message["role"])
             check.text(message, "content", f"{path}.content")
         return
+    if kind == "text":
+        if "id" in record and (isinstance(record["id"], bool)
+                               or not isinstance(record["id"], (str, int))):
+            check.fail("id", "str or int", record["id"])
+        check.text(record, "text", "text")
+        if "text_pair" in record:
+            check.text(record, "text_pair", "text_pair")
+        labels = record.get("labels", {})
+        if not isinstance(labels, dict):
+            check.fail("labels", "dict label name -> int or float", labels)
+        for name, value in labels.items():
+            if not isinstance(name, str) or not name or "/" in name:
+                check.fail("labels", "non-empty label names without '/'", name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    isinstance(value, float) and not math.isfinite(value)):
+                check.fail(f"labels.{name}", "int or finite float (0/1 for flags)", value)
+        if "offline" in record:
+            check.offline(record["offline"], "offline")
+        return
     check.text(record, "query", "query")
     check.member(record)
     if "offline" in record and kind != "listwise":
@@ -221,15 +253,32 @@ def validate_record(kind: str, record: Any, *, source: str, index: int) -> None:
                 check.offline(candidate["offline"], f"{path}.offline")
 
 
+def update_label_types(label_types: dict[str, str], labels: Mapping[str, Any]) -> None:
+    """Folds one text record's labels into {name: "int" | "float"} (a float anywhere wins)."""
+    for name, value in labels.items():
+        kind = "float" if isinstance(value, float) else "int"
+        if label_types.get(name) != "float":
+            label_types[name] = kind
+
+
 def schema_markdown() -> str:
     """The record schemas as README-ready markdown (one table per kind)."""
     parts = [
         "## Record schemas",
         "",
-        "One JSON object per record (a JSONL line or a Parquet row). Unknown keys are kept "
+        "One JSON object per record (a JSONL line, a Parquet row or a CSV row: one column "
+        "per field, dotted names such as `labels.spam` nest, text cells verbatim, other cells "
+        "read as JSON, an empty non-text cell leaves the field out). Unknown keys are kept "
         "but ignored. A record that breaks its schema fails naming the file, the record "
         "index, the field, what was expected and what was found (or is skipped and counted "
         "when `skip_malformed` is on).",
+        "",
+        "Write them with `jaxdistill data prepare`: `--split NAME=FILE` once per split, or one "
+        "file cut by `--split-fractions 0.8,0.1,0.1 --seed S` into train, validation and test. "
+        "Splits already in `--out` are kept; `--overwrite` rewrites the ones named. "
+        "`--tokenizer DIR|builtin:NAME` (repeatable) with `--max-len N` stores each record's "
+        "token ids, which training with that tokenizer and `data.max_len` reads instead of "
+        "tokenising again.",
         "",
     ]
     for kind, fields in SCHEMAS.items():

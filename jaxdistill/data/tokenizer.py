@@ -6,11 +6,16 @@ local directory only (no hub access). `build_tokenizer` trains a small WordPiece
 tokenizer loads exactly like a downloaded one. Built-in special tokens: `[PAD]` = 0, `[UNK]`,
 `[CLS]` (also bos), `[SEP]`, `[EOS]`; "Yes" and "No" are always single tokens because the
 ranking heads read p("Yes") against p("No").
+
+`tokenizer_fingerprint` identifies what decides a tokenizer's ids, so a model is never handed
+another tokenizer's ids and stored ids are used only by the tokenizer that made them.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterable
@@ -103,7 +108,9 @@ def load_tokenizer(path_or_builtin: str | os.PathLike) -> PreTrainedTokenizerFas
         if name != "wordpiece":
             raise ValueError(f"unknown built-in tokenizer {spec!r}; expected 'builtin:wordpiece'")
         with tempfile.TemporaryDirectory() as tmp:
-            return build_tokenizer(_BUILTIN_CORPUS.split("\n"), vocab_size=1000, out_dir=tmp)
+            tokenizer = build_tokenizer(_BUILTIN_CORPUS.split("\n"), vocab_size=1000, out_dir=tmp)
+        tokenizer.name_or_path = spec  # not the deleted temporary directory
+        return tokenizer
     path = Path(spec)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -132,3 +139,23 @@ def yes_no_token_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int]:
                 f"{tokenizer.convert_ids_to_tokens(pieces)}")
         ids.append(pieces[0])
     return ids[0], ids[1]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
+    """sha256 of what decides the ids: the fast tokenizer's serialised JSON (vocabulary,
+    normalizer, pre-tokenizer, post-processor, added tokens), the special tokens and the chat
+    template. Equal for the same tokenizer loaded twice or saved and reloaded; the truncation
+    and padding state a call leaves in the backend is not part of it."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    decisive = {"tokenizer": spec, "special_tokens": tokenizer.special_tokens_map,
+                "pad_token_id": tokenizer.pad_token_id,
+                "chat_template": getattr(tokenizer, "chat_template", None)}
+    text = json.dumps(decisive, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tokenizer_name(tokenizer: PreTrainedTokenizerFast) -> str:
+    """A short human name for messages: the directory or `builtin:...` it was loaded from."""
+    return os.fspath(tokenizer.name_or_path) or type(tokenizer).__name__

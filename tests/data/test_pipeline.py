@@ -31,8 +31,11 @@ def test_pointwise_batch_contract(tokenizer):
                 "token_type_ids": ((4, 16), np.int32), "grade": ((4,), np.int32),
                 "grade_probs": ((4, 5), np.float32), "grade_probs_mask": ((4,), np.float32),
                 "member_features": ((4, 2), np.float32), "position": ((4,), np.int32),
-                "actions": ((4, 1), np.float32), "action_mask": ((4, 1), np.float32)}
+                "actions": ((4, 1), np.float32), "action_mask": ((4, 1), np.float32),
+                "record_index": ((4,), np.int32)}
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+    np.testing.assert_array_equal(batch["record_index"], [0, 1, 2, 3])
+    assert set(batch) == pipeline.batch_keys("pointwise")
     mask = batch["attention_mask"]
     # Right padding: every row is 1...1 0...0, pad positions hold pad id 0.
     assert np.all(np.diff(mask, axis=1) <= 0) and np.all(batch["input_ids"][mask == 0] == 0)
@@ -56,6 +59,7 @@ def test_listwise_pads_and_truncates_lists(tokenizer):
     batch = next(iter(make(records, tokenizer, kind="listwise", list_size=3, batch_size=2,
                            shuffle=False, action_names=["click", "apply"])))
     assert batch["input_ids"].shape == (2, 3, 16) and batch["member_features"].shape == (2, 1)
+    assert set(batch) == pipeline.batch_keys("listwise")
     np.testing.assert_array_equal(batch["candidate_mask"], [[1, 0, 0], [1, 1, 1]])
     np.testing.assert_array_equal(batch["grade"], [[0, 0, 0], [0, 1, 2]])
     np.testing.assert_array_equal(batch["position"][1], [10, 11, 12])
@@ -141,7 +145,8 @@ def chat_records(n):
 def test_chat_loss_mask_covers_assistant_tokens(tokenizer):
     batch = next(iter(make(chat_records(2), tokenizer, kind="chat", max_len=24, batch_size=2,
                            shuffle=False)))
-    assert set(batch) == {"input_ids", "attention_mask", "loss_mask"}
+    assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "record_index"}
+    assert set(batch) == pipeline.batch_keys("chat")
     trained = tokenizer.convert_ids_to_tokens(batch["input_ids"][0][batch["loss_mask"][0] == 1])
     assert trained == ["Yes", "here", "is", "your", "answer", "[EOS]"]
 
@@ -155,6 +160,7 @@ def test_packing_segments_and_loss_mask(tokenizer):
     batch = packed[0]
     assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "segment_ids", "positions",
                           "batch_malformed"}
+    assert set(batch) == pipeline.batch_keys("chat", pack=True, skip_malformed=True)
     row = batch["segment_ids"][0]
     assert row.max() >= 2  # two conversations share the row
     for segment in range(1, row.max() + 1):
@@ -184,3 +190,34 @@ def test_on_disk_source_feeds_the_pipeline(tokenizer, tmp_path):
     batches = list(dataset)
     assert len(batches) == 2
     np.testing.assert_array_equal(batches[1]["grade"], [4, 0, 1, 2])
+    np.testing.assert_array_equal(batches[1]["record_index"], [4, 5, 6, 7])
+
+
+def test_listwise_extra_tokenizer_has_the_same_shapes(tokenizer, bert_tokenizer):
+    records = [{"query": "nurse", "member": "", "member_features": [],
+                "candidates": [{"document": f"remote data job {j}", "grade": 1} for j in range(n)]}
+               for n in (1, 3)]
+    batch = next(iter(make(records, tokenizer, kind="listwise", list_size=2, batch_size=2,
+                           shuffle=False, extra_tokenizers={"bert": bert_tokenizer})))
+    bert = batch["tokens"]["bert"]
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert bert[key].shape == batch[key].shape == (2, 2, 16) and bert[key].dtype == np.int32
+    ids = bert_tokenizer("nurse", "remote data job 1", truncation=True, max_length=16)
+    np.testing.assert_array_equal(bert["input_ids"][1, 1, :len(ids["input_ids"])], ids["input_ids"])
+    np.testing.assert_array_equal(bert["token_type_ids"][1, 1, :len(ids["input_ids"])],
+                                  ids["token_type_ids"])
+    assert bert["attention_mask"][0, 1].sum() == 0  # the padded candidate
+
+
+def test_equal_tokenizers_share_one_tokenisation(tokenizer, monkeypatch):
+    from jaxdistill.data import tokens
+
+    calls = []
+    encode = tokens.encode_rows
+    monkeypatch.setattr(tokens, "encode_rows", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    again = load_tokenizer("builtin:wordpiece")  # another object, the same ids
+    batch = next(iter(make(pointwise_records(4), tokenizer, shuffle=False,
+                           extra_tokenizers={"teacher": again})))
+    assert len(calls) == 4  # once per record, not once per tokenizer
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        np.testing.assert_array_equal(batch["tokens"]["teacher"][key], batch[key])

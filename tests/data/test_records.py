@@ -11,11 +11,14 @@ LISTWISE = {"query": "nurse", "member": "RN, 5 years", "member_features": [],
                            {"document": "Cashier", "grade": 0}]}
 IMPRESSION = {"query": "driver", "member": "", "member_features": [1.0], "document": "Truck driver",
               "position": 2, "actions": {"click": 1}}
+TEXT = {"id": 7, "text": "win a prize", "text_pair": "re: hello",
+        "labels": {"spam": 1, "topic": 2, "score": 0.25}}
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]}
 
 
 @pytest.mark.parametrize("kind,record", [("pointwise", POINTWISE), ("listwise", LISTWISE),
-                                         ("impressions", IMPRESSION), ("chat", CHAT)])
+                                         ("impressions", IMPRESSION), ("chat", CHAT),
+                                         ("text", TEXT), ("text", {"text": "no labels"})])
 def test_valid_records_pass(kind, record):
     validate_record(kind, record, source="x.jsonl", index=0)
 

@@ -83,7 +83,7 @@ def test_prepare_jsonl(tmp_path):
     lines = [json.dumps(r) for r in POINTWISE]
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join(lines) + "\n")
-    report = prepare(good, "pointwise", tmp_path / "out")
+    report = prepare(good, "pointwise", tmp_path / "out").splits["train"]
     assert (report.written, report.skipped) == (4, 0)
     assert list(sources.open_source(tmp_path / "out")) == POINTWISE
 
@@ -93,7 +93,7 @@ def test_prepare_jsonl(tmp_path):
         prepare(bad, "pointwise", tmp_path / "bad_out")
     assert not (tmp_path / "bad_out").exists()
     report = prepare(bad, "pointwise", tmp_path / "skipped_out", skip_malformed=True)
-    assert (report.written, report.skipped) == (1, 2)
+    assert (report.splits["train"].written, report.splits["train"].skipped) == (1, 2)
 
 
 def test_prepare_parquet(tmp_path):
@@ -111,10 +111,28 @@ def test_prepare_parquet(tmp_path):
         ("actions", pa.map_(pa.string(), pa.int64()))]))
     pq.write_table(table, tmp_path / "impressions.parquet")
     report = prepare(tmp_path / "impressions.parquet", "impressions", tmp_path / "out")
-    assert report.written == 3
+    assert report.splits["train"].written == 3
     assert list(sources.open_source(tmp_path / "out")) == records
 
     records[1]["position"] = -3
     pq.write_table(pa.Table.from_pylist(records, schema=table.schema), tmp_path / "bad.parquet")
     with pytest.raises(RecordError, match=r"bad\.parquet: record 1: field 'position'"):
         prepare(tmp_path / "bad.parquet", "impressions", tmp_path / "bad_out")
+
+
+def test_split_added_to_a_builder_subclass_dataset(tmp_path):
+    class TinyChats(sources.RecordsBuilder):
+        KIND = "chat"
+
+        def record_splits(self):
+            return {"train": [{"messages": [{"role": "user", "content": f"hi {i}"}]}
+                              for i in range(3)]}
+
+    builder = TinyChats(data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare()
+    extra = [{"messages": [{"role": "user", "content": "extra"}]}]
+    sources.write_dataset(extra, "chat", builder.data_dir, split="validation")
+    assert sources.dataset_info(builder.data_dir)["splits"] == {"train": 3, "validation": 1}
+    assert [r["messages"][0]["content"] for r in sources.open_source(builder.data_dir)] == [
+        "hi 0", "hi 1", "hi 2"]
+    assert list(sources.open_source(builder.data_dir, "validation")) == extra

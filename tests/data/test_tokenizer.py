@@ -59,3 +59,22 @@ def test_builtin_tokenizer_ids_are_the_same_in_every_process():
     outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               check=True).stdout for _ in range(2)}
     assert len(outputs) == 1
+
+
+def test_fingerprint_identifies_the_ids(builtin, bert_dir, bert_tokenizer, tmp_path):
+    from jaxdistill.data.tokenizer import tokenizer_fingerprint, tokenizer_name
+
+    fingerprint = tokenizer_fingerprint(builtin)
+    builtin("a long text to truncate", truncation=True, max_length=3)  # leaves backend state
+    assert tokenizer_fingerprint(builtin) == fingerprint
+    assert tokenizer_fingerprint(load_tokenizer("builtin:wordpiece")) == fingerprint
+    builtin.save_pretrained(tmp_path / "saved")
+    assert tokenizer_fingerprint(load_tokenizer(tmp_path / "saved")) == fingerprint
+    assert tokenizer_fingerprint(load_tokenizer(bert_dir)) == tokenizer_fingerprint(bert_tokenizer)
+    assert tokenizer_fingerprint(bert_tokenizer) != fingerprint
+    # One more word changes every id after it: another vocabulary, another fingerprint.
+    grown = build_tokenizer(["alpha beta"], vocab_size=60, out_dir=tmp_path / "a")
+    assert tokenizer_fingerprint(grown) != tokenizer_fingerprint(
+        build_tokenizer(["alpha beta gamma"], vocab_size=60, out_dir=tmp_path / "b"))
+    assert tokenizer_name(builtin) == "builtin:wordpiece"
+    assert tokenizer_name(bert_tokenizer) == str(bert_dir)
