@@ -81,13 +81,12 @@ def teacher_outputs(
 
     mesh = parallel.make_mesh(cfg.mesh.shape)
     rules = dict(cfg.mesh.rules)
-    from jaxdistill.loader import tokenizer_fingerprint
+    from jaxdistill.loader import spec_fingerprint
 
     name = "teacher"
     token_keys, token_specs = {}, {}
-    if tokenizer is not None and (tokenizer_fingerprint(tokenizer)
-                                  != tokenizer_fingerprint(cfg.data.tokenizer)):
-        token_keys[name] = tokenizer_fingerprint(tokenizer)
+    if tokenizer is not None and spec_fingerprint(tokenizer) != spec_fingerprint(cfg.data.tokenizer):
+        token_keys[name] = spec_fingerprint(tokenizer)[:16]
         token_specs[token_keys[name]] = tokenizer
     evaluator = Evaluator(None, {name: model}, mesh=mesh, rules=rules, token_keys=token_keys,
                           teacher_outputs={name: outputs})

@@ -204,7 +204,7 @@ def model_tokenizer(source: Source, configured: str | None, *, where: str) -> st
     recorded = source_tokenizer(source)
     if configured is None or recorded is None:
         return recorded or configured
-    if tokenizer_fingerprint(configured) != tokenizer_fingerprint(recorded):
+    if spec_fingerprint(configured) != spec_fingerprint(recorded):
         raise ValueError(f"{where}: tokenizer {configured!r} is not the tokenizer {source} was "
                          f"trained with ({recorded!r}); a model fed another tokenizer's ids reads "
                          "garbage. Drop the tokenizer key or name the model's own")
@@ -212,15 +212,12 @@ def model_tokenizer(source: Source, configured: str | None, *, where: str) -> st
 
 
 @functools.lru_cache(maxsize=32)
-def tokenizer_fingerprint(spec: str) -> str:
-    """What decides a tokenizer's ids, hashed: equal for the same tokenizer however loaded."""
-    from jaxdistill.data.tokenizer import load_tokenizer
+def spec_fingerprint(spec: str) -> str:
+    """The fingerprint of a tokenizer directory or builtin spec (`data.tokenizer`'s)."""
+    from jaxdistill.data.batches import tokenizer
+    from jaxdistill.data.tokenizer import tokenizer_fingerprint
 
-    tokenizer = load_tokenizer(spec)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(
-        sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return tokenizer_fingerprint(tokenizer(spec))
 
 
 def tokenizer_keys(student_tokenizer: str, teachers: Teachers) -> dict[str, str]:
@@ -228,12 +225,12 @@ def tokenizer_keys(student_tokenizer: str, teachers: Teachers) -> dict[str, str]
 
     Those teachers read `batch["tokens"][fingerprint]`; the others share the student's ids.
     """
-    student = tokenizer_fingerprint(student_tokenizer)
+    student = spec_fingerprint(student_tokenizer)
     keys = {}
     for name, teacher in teachers.online.items():
         if teacher.tokenizer is None:
             continue
-        fingerprint = tokenizer_fingerprint(teacher.tokenizer)
+        fingerprint = spec_fingerprint(teacher.tokenizer)[:16]
         if fingerprint != student:
             keys[name] = fingerprint
     return keys

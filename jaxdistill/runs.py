@@ -23,6 +23,7 @@ from jaxdistill import config as config_lib
 from jaxdistill import evaluator as evaluator_lib
 from jaxdistill import loader, parallel
 from jaxdistill.data.batches import split_batches
+from jaxdistill.data.labels import action_order, check_labels
 from jaxdistill.distill.step import Distiller, make_optimizer
 from jaxdistill.models.heads import ActionHead, ClassifierHead, LMHead, TokenScoreHead
 from jaxdistill.models.model import Params, functional
@@ -53,11 +54,24 @@ class Setup:
         return split_batches(self.cfg, split, train=train, token_specs=self.token_specs,
                              **kwargs)
 
+    @property
+    def action_names(self) -> tuple[str, ...]:
+        """The column order of the batches' `actions` (the student's action heads' first)."""
+        return action_order(self.cfg.model.heads, self.cfg.data.action_names)
+
     def metrics(self, scores: evaluator_lib.Scores) -> dict[str, Any]:
         """Objective terms and every head's metrics of one evaluation."""
         student_cfg = self.distiller.student.cfg
         return {**scores.terms, **evaluator_lib.head_metrics(
-            student_cfg, scores, self.cfg.objective, action_names=self.cfg.data.action_names)}
+            student_cfg, scores, self.cfg.objective, action_names=self.action_names)}
+
+    def check_labels(self) -> None:
+        """The training split's labels fit the heads they train (first offending record named)."""
+        from jaxdistill.data.sources import open_source
+
+        check_labels(open_source(self.cfg.data.path, self.cfg.data.train_split),
+                     self.cfg.data.kind, self.cfg.objective, self.cfg.model.heads,
+                     self.cfg.data.action_names)
 
 
 def setup(cfg: config_lib.Experiment, *, teachers: bool = True) -> Setup:
@@ -74,9 +88,27 @@ def setup(cfg: config_lib.Experiment, *, teachers: bool = True) -> Setup:
         terms=tuple(cfg.objective), optimizer=optimizer, schedule=schedule,
         micro_batches=cfg.trainer.micro_batches, token_keys=token_keys)
     token_specs = {key: loaded.online[name].tokenizer for name, key in token_keys.items()}
+    _check_action_heads(cfg, loaded)
     if loaded.offline:
         log.info("offline teachers (outputs from batch['offline']): %s", loaded.offline)
     return Setup(cfg, mesh, rules, distiller, loaded, token_specs)
+
+
+def _check_action_heads(cfg: config_lib.Experiment, teachers: loader.Teachers) -> None:
+    """A distilled actions head lines up column by column with its teacher's: same names,
+    same order (soft targets are not reordered)."""
+    for term in cfg.objective:
+        student = cfg.model.heads.get(term.student)
+        teacher = teachers.online.get(term.teacher)
+        if teacher is None or not isinstance(student, ActionHead):
+            continue
+        source = teacher.model.cfg.heads.get(term.source_output)
+        if isinstance(source, ActionHead) and source.names != student.names:
+            raise ValueError(
+                f"objective term {term.name!r}: student head {term.student!r} predicts actions "
+                f"{list(student.names)} but teacher {term.teacher!r}'s {term.source_output!r} "
+                f"predicts {list(source.names)}; give model.heads.{term.student}.names the "
+                "teacher's order")
 
 
 def write_eval(run_dir: Path, step: int, split: str, metrics: dict[str, Any]) -> Path:
@@ -111,7 +143,7 @@ def evaluate_run(cfg: config_lib.Experiment, run_dir: str | os.PathLike, split: 
                                max_batches=max_batches, step=2**30)
     return {"batches": scores.batches, "records": scores.rows, "terms": scores.terms,
             "metrics": evaluator_lib.head_metrics(s.distiller.student.cfg, scores, cfg.objective,
-                                                  action_names=cfg.data.action_names)}
+                                                  action_names=s.action_names)}
 
 
 # ----------------------------------------------------------------------------- predict

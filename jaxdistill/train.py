@@ -85,6 +85,7 @@ def run(cfg: config_lib.Experiment, run_dir: str | Path, *, resume: bool = True,
     writes `eval.json` and `report.md` (with `report`)."""
     run_dir = Path(run_dir).absolute()
     s = runs.setup(cfg)
+    s.check_labels()
     checkpointer = Checkpointer.from_config(run_dir / CHECKPOINT_SUBDIR, cfg.checkpoint,
                                             config_yaml=config_lib.resolved_yaml(cfg),
                                             manifest=s.teachers.manifest)

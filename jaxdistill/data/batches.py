@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from jaxdistill.data.labels import action_order
 from jaxdistill.data.pipeline import make_dataset
 from jaxdistill.data.sources import open_source
 from jaxdistill.data.tokenizer import load_tokenizer
@@ -56,7 +57,8 @@ def split_batches(cfg, split: str, *, train: bool, drop_remainder: bool | None =
         source, tokenizer=tokenizer(data.tokenizer), kind=data.kind, max_len=data.max_len,
         batch_size=batch_size // processes, seed=cfg.seed, shuffle=data.shuffle and train,
         num_epochs=None if train else 1, list_size=list_size or data.list_size,
-        action_names=data.action_names, member_features_dim=data.member_features_dim,
+        action_names=action_order(cfg.model.heads, data.action_names),
+        member_features_dim=data.member_features_dim,
         pack=data.pack, worker_count=data.worker_count if train else 0, prefetch=data.prefetch,
         skip_malformed=data.skip_malformed,
         drop_remainder=train if drop_remainder is None else drop_remainder,

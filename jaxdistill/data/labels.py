@@ -49,9 +49,20 @@ def recorded_actions(kind: str, record: Mapping[str, Any]) -> set[str]:
     return set()
 
 
+def action_order(heads: Mapping[str, Any], action_names: Sequence[str]) -> tuple[str, ...]:
+    """The column order of the batch's `actions` [..., K]: the actions heads' names first (a
+    head's logits and its labels line up column by column whatever order the data lists its
+    actions in), then the data's other actions."""
+    order: list[str] = []
+    for head in heads.values():
+        if getattr(head, "type", None) == "actions":
+            order += [n for n in head.names if n in action_names and n not in order]
+    return (*order, *(n for n in action_names if n not in order))
+
+
 def action_columns(head_names: Sequence[str], action_names: Sequence[str]) -> list[int]:
-    """Columns of the batch's `actions` [..., K] (sorted `action_names`) in a head's order."""
-    columns = sorted(action_names)
+    """Columns of a batch's `actions` [..., K] (in `action_names` order) in a head's order."""
+    columns = list(action_names)
     return [columns.index(name) for name in head_names]
 
 

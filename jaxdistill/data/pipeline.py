@@ -71,7 +71,7 @@ class EncodeRecords(grain.transforms.Map):
                                  "chat data needs one (the built-in tokenizer has one)")
         self.kind, self.tokenizers, self.source_name = kind, dict(tokenizers), source_name
         self.max_len, self.member_features_dim = max_len, member_features_dim
-        self.action_names, self.list_size = tuple(sorted(action_names)), list_size
+        self.action_names, self.list_size = tuple(action_names), list_size
         self.pad_to_max_len, self.skip_malformed = pad_to_max_len, skip_malformed
         self.offline_shapes = {t: dict(o) for t, o in (offline_shapes or {}).items()}
         self.label_types = dict(label_types or {})
@@ -269,7 +269,7 @@ def make_dataset(
     instead of tokenising when the tokenizer's fingerprint and `max_len` match.
 
     Batch contract (B batch, T = max_len, N = list_size, F member features,
-    K = len(action_names), sorted by name):
+    K = len(action_names), in the order given):
 
     - pointwise / impressions: `input_ids`, `attention_mask` (1 = real token, right padding,
       pad id = the tokenizer's), `token_type_ids` (0 = query + member, 1 = document) int32

@@ -1,7 +1,8 @@
 """Start-up label checks: each mismatch between data, terms and heads is refused, naming it."""
 import pytest
 
-from jaxdistill.data.labels import LabelError, action_columns, check_labels
+from jaxdistill.data.labels import LabelError, action_columns, action_order, check_labels
+from jaxdistill.models.heads import ActionHead
 from jaxdistill.distill.objectives import Term
 from jaxdistill.models.heads import ActionHead, ClassifierHead
 
@@ -65,7 +66,9 @@ ACTIONS_TERM = Term(name="engagement", loss="bce", student="engagement", label="
 def test_action_names_matched_by_name_in_any_order():
     heads = {"engagement": ActionHead(names=("clicks", "apply"))}
     check_labels(IMPRESSIONS, "impressions", [ACTIONS_TERM], heads, ["apply", "clicks"])
-    assert action_columns(("clicks", "apply"), ["clicks", "apply"]) == [1, 0]
+    assert action_columns(("clicks", "apply"), ["apply", "clicks"]) == [1, 0]
+    heads = {"engagement": ActionHead(names=("dismiss", "click"))}
+    assert action_order(heads, ["apply", "click", "dismiss"]) == ("dismiss", "click", "apply")
     with pytest.raises(LabelError, match=(
             r"head 'engagement' predicts \['click'\], but no record of list carries it; the "
             r"data's actions are \['apply', 'clicks'\]; did you mean 'clicks'\?")):
