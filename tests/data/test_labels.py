@@ -67,8 +67,8 @@ def test_action_names_matched_by_name_in_any_order():
     heads = {"engagement": ActionHead(names=("clicks", "apply"))}
     check_labels(IMPRESSIONS, "impressions", [ACTIONS_TERM], heads, ["apply", "clicks"])
     assert action_columns(("clicks", "apply"), ["apply", "clicks"]) == [1, 0]
-    heads = {"engagement": ActionHead(names=("dismiss", "click"))}
-    assert action_order(heads, ["apply", "click", "dismiss"]) == ("dismiss", "click", "apply")
+    other = {"engagement": ActionHead(names=("dismiss", "click"))}
+    assert action_order(other, ["apply", "click", "dismiss"]) == ("dismiss", "click", "apply")
     with pytest.raises(LabelError, match=(
             r"head 'engagement' predicts \['click'\], but no record of list carries it; the "
             r"data's actions are \['apply', 'clicks'\]; did you mean 'clicks'\?")):

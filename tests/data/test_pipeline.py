@@ -64,9 +64,9 @@ def test_listwise_pads_and_truncates_lists(tokenizer):
     np.testing.assert_array_equal(batch["grade"], [[0, 0, 0], [0, 1, 2]])
     np.testing.assert_array_equal(batch["position"][1], [10, 11, 12])
     assert batch["attention_mask"][0, 1:].sum() == 0
-    # Sorted action names: apply, click.
-    np.testing.assert_array_equal(batch["action_mask"][:, 0], [[1, 0], [1, 0]])
-    np.testing.assert_array_equal(batch["actions"][:, 0], [[1, 0], [1, 0]])
+    # Columns in the order given: click, apply.
+    np.testing.assert_array_equal(batch["action_mask"][:, 0], [[0, 1], [0, 1]])
+    np.testing.assert_array_equal(batch["actions"][:, 0], [[0, 1], [0, 1]])
 
 
 def grades_in_order(dataset):
