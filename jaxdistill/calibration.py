@@ -1,13 +1,13 @@
-"""Calibration of score heads: isotonic maps (pool-adjacent-violators), position-aware maps, ECE.
+"""Calibration of score heads: isotonic maps (scikit-learn's), position-aware maps, ECE.
 
 Pure numpy over flat arrays of scores and labels; no model code. Each calibrator is a
 monotone non-decreasing piecewise-linear map that serialises to a small JSON dict saved
 beside the model (`to_dict` / `calibrator_from_dict`).
 
 - `IsotonicCalibrator`: the weighted least-squares monotone fit of labels on scores, by
-  pool-adjacent-violators. Each pooled block becomes one knot at (weighted mean score of the
-  block, weighted mean label of the block); between knots the map interpolates linearly and
-  outside them it is clamped to the end values.
+  scikit-learn's `IsotonicRegression`; its thresholds are the knots, between them the map
+  interpolates linearly and outside them it is clamped to the end values, exactly as
+  `IsotonicRegression.predict` does (so it reproduces the fit on its own training points).
 - `PositionAwareCalibrator`: engagement labels are position-biased, so it keeps one isotonic
   map per position bucket, falling back to the global map for buckets with too few examples.
 - `calibrate_heads` fits one calibrator per head on a validation split; `calibration_summary`
@@ -36,27 +36,6 @@ def _check_same_length(**arrays: np.ndarray) -> None:
         raise ValueError(f"expected arrays of one length, found {lengths}")
 
 
-def pool_adjacent_violators(y_N: np.ndarray, w_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted isotonic (non-decreasing) fit of y in the given order.
-
-    Returns block values and block sizes (number of consecutive inputs pooled into each
-    block); `np.repeat(values, sizes)` is the fitted sequence.
-    """
-    values, weights, sizes = [], [], []
-    for y, w in zip(y_N.tolist(), w_N.tolist()):
-        values.append(y)
-        weights.append(w)
-        sizes.append(1)
-        # Merge backwards while the last two blocks violate the order.
-        while len(values) > 1 and values[-2] > values[-1]:
-            w_total = weights[-2] + weights[-1]
-            values[-2] = (weights[-2] * values[-2] + weights[-1] * values[-1]) / w_total
-            weights[-2] = w_total
-            sizes[-2] += sizes[-1]
-            del values[-1], weights[-1], sizes[-1]
-    return np.array(values), np.array(sizes, dtype=np.int64)
-
-
 class IsotonicCalibrator:
     """Monotone non-decreasing piecewise-linear map from scores to calibrated probabilities."""
 
@@ -74,17 +53,15 @@ class IsotonicCalibrator:
             raise ValueError("cannot fit an isotonic map on zero examples")
         if np.any(weight_N < 0) or weight_N.sum() <= 0:
             raise ValueError("weights must be non-negative with a positive sum")
+        from sklearn.isotonic import IsotonicRegression
+
         keep = weight_N > 0
-        score_N, label_N, weight_N = score_N[keep], label_N[keep], weight_N[keep]
-        # Equal scores must map to one value, so pool ties before PAV.
-        unique_U, inverse_N = np.unique(score_N, return_inverse=True)
-        weight_U = np.bincount(inverse_N, weights=weight_N)
-        label_U = np.bincount(inverse_N, weights=weight_N * label_N) / weight_U
-        values_B, sizes_B = pool_adjacent_violators(label_U, weight_U)
-        block_U = np.repeat(np.arange(len(sizes_B)), sizes_B)
-        block_weight_B = np.bincount(block_U, weights=weight_U)
-        self.knots_x = np.bincount(block_U, weights=weight_U * unique_U) / block_weight_B
-        self.knots_y = values_B
+        fitted = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(
+            score_N[keep], label_N[keep], sample_weight=weight_N[keep])
+        # scikit-learn predicts by linear interpolation between these thresholds, clipped
+        # outside them: the same map `__call__` applies.
+        self.knots_x = np.asarray(fitted.X_thresholds_, np.float64)
+        self.knots_y = np.asarray(fitted.y_thresholds_, np.float64)
         return self
 
     def __call__(self, scores: Any) -> np.ndarray:

@@ -310,7 +310,8 @@ def classification_metrics(probs_NxC: Any, labels_N: Any, mask_N: Any = None,
         return {}
     bad = (labels < 0) | (labels >= classes)
     if bad.any():
-        raise ValueError(f"class labels must be in [0, {classes}); found {sorted(set(labels[bad]))[:5]}")
+        raise ValueError(f"class labels must be in [0, {classes}); found "
+                         f"{sorted(set(labels[bad].tolist()))[:5]}")
     predicted = probs.argmax(-1)
     out: dict[str, Any] = {
         "accuracy": float(skm.accuracy_score(labels, predicted)),

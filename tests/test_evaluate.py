@@ -182,3 +182,67 @@ def test_summarize_is_flat():
     assert summary["kappa"] == summary["kappa_skills"]
     assert summary["agreement_relevance_overlap_at_k"] == 1.0
     assert all(isinstance(v, (float, str)) for v in summary.values())
+
+
+# --- equal to scikit-learn ------------------------------------------------------------------
+
+
+def test_ndcg_auroc_and_kappa_equal_scikit_learn():
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(7)
+    scores = rng.normal(size=(40, 12))
+    grades = rng.integers(0, 5, size=(40, 12))
+    grades[:, 0] = 4  # every query has a relevant candidate (sklearn scores an all-zero list 0)
+    gains = 2.0 ** grades - 1  # our gain is 2^g - 1; sklearn's relevance is the gain itself
+    for k in (3, 10):
+        np.testing.assert_allclose(evaluate.ndcg_at_k(scores, grades, k=k),
+                                   skm.ndcg_score(gains, scores, k=k), rtol=1e-9)
+    labels = rng.integers(0, 2, 500)
+    probs = np.round(rng.random(500) + 0.3 * labels, 2)  # ties on purpose
+    assert evaluate.auroc(probs, labels) == pytest.approx(skm.roc_auc_score(labels, probs),
+                                                          abs=1e-12)
+    a, b = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
+    assert weighted_kappa(a, b) == pytest.approx(
+        skm.cohen_kappa_score(a, b, weights="quadratic"), abs=1e-12)
+
+
+def test_classification_metrics_equal_scikit_learn_for_2_and_3_classes():
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(1)
+    for classes in (2, 3):
+        logits = rng.normal(size=(200, classes))
+        probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        labels = rng.integers(0, classes, 200)
+        mask = rng.random(200) > 0.1
+        out = evaluate.classification_metrics(probs, labels, mask)
+        p, y = probs[mask], labels[mask]
+        assert out["accuracy"] == pytest.approx(skm.accuracy_score(y, p.argmax(-1)))
+        assert out["macro_f1"] == pytest.approx(skm.f1_score(y, p.argmax(-1), average="macro"))
+        assert out["log_loss"] == pytest.approx(skm.log_loss(y, p, labels=list(range(classes))))
+        assert np.array_equal(out["confusion_matrix"], skm.confusion_matrix(y, p.argmax(-1)))
+        if classes == 2:
+            assert out["auroc"] == pytest.approx(skm.roc_auc_score(y, p[:, 1]))
+        else:
+            for c in range(classes):
+                assert out[f"auroc_class_{c}"] == pytest.approx(
+                    skm.roc_auc_score(y == c, p[:, c]))
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 2\); found \[2\]"):
+        evaluate.classification_metrics(np.full((3, 2), 0.5), [0, 1, 2])
+
+
+def test_binary_metrics_and_class_agreement():
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(2)
+    probs, labels = rng.random(300), rng.integers(0, 2, 300)
+    out = evaluate.binary_metrics(probs, labels)
+    assert out["auroc"] == pytest.approx(skm.roc_auc_score(labels, probs))
+    assert out["average_precision"] == pytest.approx(skm.average_precision_score(labels, probs))
+    assert np.isnan(evaluate.binary_metrics(probs, np.ones(300))["auroc"])
+    teacher = np.array([[2.0, 0.0], [0.0, 1.0]])
+    same = evaluate.class_agreement(teacher, teacher)
+    assert same == {"argmax_agreement": 1.0, "kl": pytest.approx(0.0, abs=1e-12)}
+    flipped = evaluate.class_agreement(teacher, teacher[:, ::-1])
+    assert flipped["argmax_agreement"] == 0.0 and flipped["kl"] > 0

@@ -105,6 +105,20 @@ def test_run_writes_config_metrics_and_tensorboard(teacher_run):
     assert result.eval_metrics["eval/loss/grades"] == eval_lines(result)[-1]["eval/loss/grades"]
 
 
+def test_run_leaves_a_report_and_its_last_eval(teacher_run):
+    """A plain `train` run ends with eval.json (metrics by head type: NDCG for a two-token
+    score over lists) and report.md with its loss and eval-metric plots beside it."""
+    result, _ = teacher_run
+    last = json.loads((result.run_dir / "eval.json").read_text())
+    assert last["step"] == 8 and last["split"] == "validation"
+    assert 0 <= last["metrics"]["relevance/ndcg_at_10"] <= 1
+    assert last["metrics"]["loss/grades"] == pytest.approx(result.eval_metrics["eval/loss/grades"])
+    report = (result.run_dir / "report.md").read_text()
+    for png in ("training_curves.png", "eval_curves.png"):
+        assert f"]({png})" in report and (result.run_dir / png).stat().st_size > 1000
+    assert "relevance/ndcg_at_10" in report
+
+
 def eval_lines(result):
     return [line for line in read_metrics(result.run_dir) if "eval/loss/total" in line]
 
