@@ -186,10 +186,12 @@ def cmd_export(args) -> None:
 
     cfg = load_config(run_dir / "config.yaml")
     model_cfg, params = checkpoint.load_params(run_dir)
+    # A model fine-tuned from an HF checkpoint keeps that checkpoint's config fields.
+    source = cfg.model.init if cfg.model.init.kind == "hf" else None
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = _tokenizer_dir(cfg.data.tokenizer, tmp)
         out = hf.export_hf(model_cfg, params, args.out, tokenizer_dir=tokenizer_dir,
-                           dtype=args.dtype)
+                           dtype=args.dtype, source_dir=source.path if source else None)
     _print_json({"run_dir": run_dir, "out": out, "format": args.format,
                  "files": sorted(p.name for p in Path(out).iterdir())})
 
