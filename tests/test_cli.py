@@ -330,6 +330,18 @@ def test_train_teachers_distill_eval_export(dataset_dir, tokenizer_dir, tmp_path
     assert all(np.isfinite(v) for v in result["terms"].values())
     assert 0 <= result["metrics"]["relevance/ndcg_at_10"] <= 1
 
+    # An actions run gets AUROC / average precision / ECE per action from `eval`.
+    code, out, err = run_cli(capsys, "eval", engagement, "--out", tmp_path / "engagement.json")
+    assert code == 0, err
+    actions = json.loads((tmp_path / "engagement.json").read_text())["metrics"]
+    for action in ("apply", "click", "dismiss"):
+        assert {f"actions/auroc_{action}", f"actions/average_precision_{action}",
+                f"actions/ece_{action}"} <= actions.keys()
+    assert 0 <= actions["actions/ece_click"] <= 1
+    # The student's distilled heads report their agreement with each teacher.
+    assert "agreement/relevance_kd/spearman" in result["metrics"]
+    assert any(k.startswith("agreement/engagement_kd/spearman_") for k in result["metrics"])
+
     code, out, err = run_cli(capsys, "inspect", "checkpoint", student)
     assert code == 0, err
     info = json.loads(out)
