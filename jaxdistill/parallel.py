@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 from collections.abc import Iterator, Mapping, Sequence
 
 import jax
@@ -62,13 +63,24 @@ def make_mesh(
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, rules: Rules) -> PartitionSpec:
-    """PartitionSpec for logical axes; a mesh axis already used by an earlier dim is not reused."""
+    """PartitionSpec for logical axes; a mesh axis already used by an earlier dim is not reused.
+
+    Every logical name must have a rule: a typo (`"mpl"`) would otherwise silently replicate
+    a weight. A rule of `None` (YAML `null`) is how a name says "replicated".
+    """
     if axes is None:
         return PartitionSpec()
     used: set[str] = set()
     spec = []
     for name in axes:
-        target = rules.get(name) if name is not None else None
+        if name is not None and name not in rules:
+            close = difflib.get_close_matches(name, list(rules), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"logical axis {name!r} has no sharding rule{hint}; the rules know "
+                f"{sorted(rules)}. Add `{name}: null` to mesh.rules to replicate it."
+            )
+        target = rules[name] if name is not None else None
         if target is None:
             spec.append(None)
             continue
