@@ -63,6 +63,9 @@ class TeacherSection(_Section):
     inputs: str | None = Field(
         default=None, description="batch key of this teacher's own tokenised inputs"
     )
+    quantize: Literal["int8", "fp8"] | None = Field(
+        default=None, description="run the forward's projections in int8/fp8 (jaxdistill.quantize)"
+    )
 
     @model_validator(mode="after")
     def _check_sources(self):
