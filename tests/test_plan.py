@@ -2,6 +2,7 @@
 against arrays really placed by the same rules, XLA's compiled figures, and the CLI."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -149,3 +150,22 @@ def test_plan_help(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "usage: jaxdistill plan" in out and "--device-memory" in out and "examples:" in out
+
+
+def test_linkedin_config_teachers_are_read_without_weights(monkeypatch):
+    from jaxdistill.models import decoder
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the sources are repo-relative
+    cfg = config_lib.load_config("configs/bench/linkedin.yaml")
+    example = plan.abstract_batch(cfg)
+    assert example["input_ids"].shape == (16, 512)
+    teachers = {name: plan.teacher_model(name, section, example)
+                for name, section in cfg.teachers.items()}
+    reference = functional(config_lib.ModelConfig(
+        backbone=decoder.qwen3_1_7b(dtype="bfloat16", param_dtype="bfloat16", remat="none"),
+        heads={"relevance": RELEVANCE | {"token_ids": [2753, 9454]}}))
+    assert teachers["relevance_teacher"].shapes == reference.shapes
+    assert count_params(teachers["engagement_teacher"].shapes) == pytest.approx(1.7206e9, rel=1e-4)
+    assert count_params(functional(config_lib.ModelConfig(
+        backbone=cfg.model.backbone, heads=cfg.model.heads)).shapes) == pytest.approx(
+        0.5961e9, rel=1e-4)
