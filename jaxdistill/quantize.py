@@ -1,4 +1,4 @@
-"""Quantized teachers: a frozen teacher's forward in int8 or fp8 through qwix post-training quantization.
+"""Quantized teachers: a frozen teacher's forward in int8 or fp8 (qwix post-training quantization).
 
 Teachers never train, so their forward may run in reduced precision when its output error is
 measured (`output_error`). `quantize_teacher` intercepts the backbone's projections (attention

@@ -34,7 +34,8 @@ def test_step_flops_split_by_model():
     causal = lambda layers: 4 * b * s * s * layers * H * HD / 2  # noqa: E731
     assert out["models"]["rel"]["flops"] == 2 * n_t * b * s + causal(L)
     assert out["models"]["student"]["flops"] == 3 * (2 * n_s * b * s + causal(1))
-    assert out["models"]["rel"]["role"] == "teacher" and out["models"]["student"]["role"] == "student"
+    assert out["models"]["rel"]["role"] == "teacher"
+    assert out["models"]["student"]["role"] == "student"
     assert out["total"] == pytest.approx(sum(m["flops"] for m in out["models"].values()))
     assert out["tokens"] == b * s and "causal halving COUNTED" in out["formula"]
 

@@ -195,7 +195,8 @@ def _tp_subtree(params):
 def placed():
     """Student state and two teachers' params created in their shardings on three meshes."""
     from jaxdistill.distill.objectives import Term
-    from jaxdistill.distill.step import Distiller, OptimizerConfig, init_sharded_state, make_optimizer
+    from jaxdistill.distill.step import (Distiller, OptimizerConfig, init_sharded_state,
+                                         make_optimizer)
     from jaxdistill.models.model import ModelConfig, functional
 
     heads = {"actions": {"type": "actions", "names": ["click", "apply"]}}

@@ -58,7 +58,8 @@ BATCH = make_batch(1)
 
 @pytest.fixture(scope="module")
 def quantized():
-    return {mode: quantize.quantize_teacher(TEACHER, PARAMS, mode, BATCH) for mode in ("int8", "fp8")}
+    return {mode: quantize.quantize_teacher(TEACHER, PARAMS, mode, BATCH)
+            for mode in ("int8", "fp8")}
 
 
 def test_reference_outputs_are_not_flat():
