@@ -31,6 +31,7 @@ from jaxdistill import config as config_lib
 from jaxdistill import parallel
 from jaxdistill.data.records import NUM_GRADES
 from jaxdistill.distill.step import Distiller, batch_shardings, compile_step, make_optimizer
+from jaxdistill.models.heads import ActionHead
 from jaxdistill.models.model import Functional, ModelConfig, functional
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
@@ -140,9 +141,17 @@ def teacher_model(name: str, section: config_lib.TeacherSection, example_batch) 
 
 def abstract_batch(cfg: config_lib.Experiment, offline: Mapping[str, Mapping[str, Any]] = {}
                    ) -> dict[str, Any]:
-    """ShapeDtypeStructs of one global batch, per the data pipeline's batch contract."""
+    """ShapeDtypeStructs of one global batch, per the data pipeline's batch contract.
+
+    The member-feature width is `data.member_features_dim`; unset, the pipeline reads it off
+    the data, so the plan takes the widest `features` of the student's action heads.
+    """
     data = cfg.data
     b, t = data.batch_size, data.max_len
+    features = data.member_features_dim
+    if features is None:
+        features = max((h.features for h in cfg.model.heads.values()
+                        if isinstance(h, ActionHead)), default=0)
     i32, f32 = np.int32, np.float32
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))  # noqa
     if data.kind == "chat":
@@ -156,7 +165,7 @@ def abstract_batch(cfg: config_lib.Experiment, offline: Mapping[str, Mapping[str
                  for key in ("input_ids", "attention_mask", "token_type_ids")}
         batch |= {"grade": spec(lead, i32), "grade_probs": spec(lead + (NUM_GRADES,), f32),
                   "grade_probs_mask": spec(lead, f32), "position": spec(lead, i32),
-                  "member_features": spec((b, data.member_features_dim or 0), f32),
+                  "member_features": spec((b, features), f32),
                   "actions": spec(lead + (k,), f32), "action_mask": spec(lead + (k,), f32)}
         if data.kind == "listwise":
             batch["candidate_mask"] = spec(lead, f32)

@@ -169,3 +169,29 @@ def test_linkedin_config_teachers_are_read_without_weights(monkeypatch):
     assert count_params(functional(config_lib.ModelConfig(
         backbone=cfg.model.backbone, heads=cfg.model.heads)).shapes) == pytest.approx(
         0.5961e9, rel=1e-4)
+
+
+def test_abstract_batch_is_the_pipelines_batch(tmp_path):
+    """The plan compiles for the batches training really feeds: same keys, shapes, dtypes."""
+    import random
+
+    from jaxdistill import train
+    from jaxdistill.data import sources
+    from jaxdistill.data.tokenizer import load_tokenizer
+    from test_train import experiment, listwise_records
+
+    tokenizer = load_tokenizer("builtin:wordpiece")
+    data_dir = sources.write_dataset({"train": listwise_records(8, 0, random.Random(0))},
+                                     "listwise", tmp_path / "data")
+    cfg = experiment(data_dir, tokenizer, "contract", data={"shuffle": False})
+    real = next(iter(train.split_dataset(cfg, tokenizer, "train", train=True)))
+    shapes = lambda tree: jax.tree.map(lambda x: (np.shape(x), np.dtype(x.dtype)), tree)  # noqa
+    # The records carry one member feature; the pipeline reads the width off the data, the plan
+    # off the config (data.member_features_dim, else the action heads' `features`).
+    assert shapes(dict(real))["member_features"] == ((8, 1), np.dtype(np.float32))
+    assert shapes(plan.abstract_batch(cfg))["member_features"] == ((8, 0), np.dtype(np.float32))
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"member_features_dim": 1})})
+    assert shapes(plan.abstract_batch(cfg)) == shapes(dict(real))
+    heads = {**cfg.model.heads, "actions": {"type": "actions", "names": ["click"], "features": 3}}
+    cfg = experiment(data_dir, tokenizer, "contract", model={"heads": heads})
+    assert shapes(plan.abstract_batch(cfg))["member_features"] == ((8, 3), np.dtype(np.float32))
