@@ -107,10 +107,15 @@ def _fits(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpe
 
 
 def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules: Rules):
-    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) given their logical axes."""
+    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) given their logical axes.
+
+    A weight stored as several arrays (a quantized kernel: int8 values and per-channel scales)
+    gives its axes to each of them, fitted to each one's shape.
+    """
 
     def one(axes, leaf):
-        return NamedSharding(mesh, _fits(logical_to_spec(axes, rules), leaf.shape, mesh))
+        spec = logical_to_spec(axes, rules)
+        return jax.tree.map(lambda x: NamedSharding(mesh, _fits(spec, x.shape, mesh)), leaf)
 
     return jax.tree.map(one, axes_tree, shapes_tree, is_leaf=_is_axes)
 

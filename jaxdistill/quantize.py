@@ -1,17 +1,17 @@
 """Quantized teachers: a frozen teacher's forward in int8 or fp8 (qwix post-training quantization).
 
 Teachers never train, so their forward may run in reduced precision when its output error is
-measured (`output_error`). `quantize_teacher` intercepts the backbone's projections (attention
-q/k/v/o and the MLP: where a teacher's FLOPs are) with qwix's `PtqProvider`: each weight is
-quantized per output channel (absmax) and each activation per token (dynamic range), and the
-matmul runs on the quantized operands (int8 x int8 -> int32 accumulate; fp8 e4m3 likewise).
-Attention's score/value products, norms, embeddings and the heads stay in the compute dtype.
+measured (`output_error`). `quantize_teacher` quantizes the backbone's projection kernels
+(attention q/k/v/o and the MLP: where a teacher's FLOPs are) once, per layer and output channel
+(absmax), into `qwix.QArray`s (int8 or fp8 values + scales) that replace them in the params,
+and intercepts the model's matmuls with qwix's `PtqProvider`: each activation is quantized per
+token (dynamic range) and the matmul runs on the quantized operands (int8 x int8 -> int32
+accumulate; fp8 e4m3 likewise). Attention's score/value products, norms, embeddings and the
+heads stay in the compute dtype.
 
-The result is a `Functional` with the same params, shapes and shardings as the teacher; only
-its graph differs. Weights are stored as given (bf16 on an accelerator) and quantized inside
-the program on every call: one extra pass over the teacher's weights per step, no memory saved.
-(qwix can only swap weights for pre-quantized arrays on modules it sees outside a scan, and
-the layer stack is a `jax.lax.scan` over stacked weights.)
+The result is a `Functional` whose params hold the quantized kernels (half a bf16 teacher's
+bytes for them) with the teacher's logical axes, so `shardings` places values and scales by
+the same rules.
 
 On CPU, XLA runs fp8 dots by upcasting to f32 after rounding to e4m3, so fp8's numerics (the
 error) are real there but its speed is not; int8 dots run as integer dots on every backend.
@@ -35,34 +35,71 @@ from jaxdistill.models.model import Functional, Params, TaskModel
 Mode = Literal["int8", "fp8"]
 QTYPES: dict[str, Any] = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 # qwix module paths (nnx attribute names joined by "/"): every module inside the layer stack;
-# the layer itself (whose own ops are attention's einsums) is not matched.
+# the layer itself (whose own ops are attention's einsums) is not matched. The same modules'
+# kernels are the ones `quantize_params` stores quantized.
 QUANTIZED_MODULES = r"backbone/layers/layer/.+"
+_STACK = ("backbone", "layers", "layer")
+
+
+class _StoredWeightsPtq(qwix.PtqProvider):
+    """qwix PTQ whose weights arrive already quantized (a `QArray` in the params)."""
+
+    def dot_general(self, lhs, rhs, dimension_numbers, precision=None,
+                    preferred_element_type=None, *, out_sharding=None):
+        if not isinstance(rhs, qwix.QArray):
+            return super().dot_general(lhs, rhs, dimension_numbers, precision,
+                                       preferred_element_type, out_sharding=out_sharding)
+        rule, _ = self._get_current_rule_and_op_id("dot_general")
+        (lhs_contracting, _), _ = dimension_numbers
+        per_token = [axis for axis in range(lhs.ndim) if axis not in lhs_contracting]
+        lhs = qwix.quantize(lhs, rule.act_qtype, channelwise_axes=per_token)
+        return qwix.dot_general(lhs, rhs, dimension_numbers, out_sharding=out_sharding)
+
+
+def quantize_params(params: Params, mode: Mode) -> Params:
+    """The layer stack's kernels [layers, in, out] as QArrays, one scale per layer and output."""
+    qtype = QTYPES[mode]
+
+    def one(path, x):
+        keys = tuple(getattr(k, "key", None) for k in path)
+        if keys[:3] == _STACK and keys[-1] == "kernel":
+            return qwix.quantize(x, qtype, channelwise_axes=(0, 2))
+        return x
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def quantize_teacher(
-    model: Functional, params: Params, mode: Mode, example_batch: Mapping[str, Any]
-) -> tuple[Functional, Params]:
-    """(qmodel, qparams): the teacher with int8/fp8 projections; `example_batch` may be abstract."""
+    model: Functional, params: Params | None, mode: Mode, example_batch: Mapping[str, Any]
+) -> tuple[Functional, Params | None]:
+    """(qmodel, qparams): the teacher with int8/fp8 projections and its quantized params.
+
+    `params=None` gives the model alone (shapes and shardings for a plan); `example_batch` may
+    be abstract. qparams come out where jit puts them: `jax.device_put(qparams,
+    qmodel.shardings(mesh, rules))` places them by the rules.
+    """
     if mode not in QTYPES:
         raise ValueError(f"quantize mode must be one of {sorted(QTYPES)}, got {mode!r}")
     qtype = QTYPES[mode]
-    provider = qwix.PtqProvider([
+    provider = _StoredWeightsPtq([
         qwix.QuantizationRule(module_path=QUANTIZED_MODULES, weight_qtype=qtype, act_qtype=qtype)
     ])
+    qshapes = jax.eval_shape(lambda p: quantize_params(p, mode), model.shapes)
 
-    def build(batch):
-        # qwix needs one call to wire its interception; abstract, so no weight is allocated.
-        return qwix.quantize_model(TaskModel(model.cfg, rngs=nnx.Rngs(params=0)), provider, batch)
+    def build(qparams, batch):
+        # qwix wires its interception with one call; abstract: no weight is allocated.
+        graphdef, state = nnx.split(TaskModel(model.cfg, rngs=nnx.Rngs(params=0)))
+        state.replace_by_pure_dict(qparams)
+        return qwix.quantize_model(nnx.merge(graphdef, state), provider, batch)
 
     abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
                                   dict(example_batch))
-    graphdef, state = nnx.split(nnx.eval_shape(build, abstract_batch))
-    if jax.tree.structure(state) != model.treedef:
-        raise ValueError(
-            "qwix changed the teacher's parameter structure; quantize_teacher expects weights "
-            "quantized on the fly (the quantized modules run inside the layer scan)"
-        )
-    return dataclasses.replace(model, graphdef=graphdef), params
+    graphdef, state = nnx.split(nnx.eval_shape(build, qshapes, abstract_batch))
+    qmodel = dataclasses.replace(model, graphdef=graphdef, treedef=jax.tree.structure(state),
+                                 shapes=qshapes)
+    if params is None:
+        return qmodel, None
+    return qmodel, jax.jit(quantize_params, static_argnums=1)(params, mode)
 
 
 def output_error(

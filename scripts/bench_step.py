@@ -165,9 +165,15 @@ def run_jax(variant: str, args, setup: dict) -> dict:
     if mode is not None:
         from jaxdistill import quantize
 
-        teachers = {name: quantize.quantize_teacher(model, teacher_params[name], mode,
-                                                    host_batch)[0]
-                    for name, model in teachers.items()}
+        quantized = {name: quantize.quantize_teacher(model, teacher_params[name], mode, host_batch)
+                     for name, model in teachers.items()}
+        # The unquantized weights wait on the host for the error measurement, so the timed
+        # step's device holds the quantized ones only (the peak still sees both at load).
+        reference_params = jax.device_get(teacher_params)
+        jax.tree.map(lambda x: x.delete(), teacher_params)
+        teachers = {name: qmodel for name, (qmodel, _) in quantized.items()}
+        teacher_params = {name: jax.device_put(qparams, qmodel.shardings(mesh, rules))
+                          for name, (qmodel, qparams) in quantized.items()}
     distiller = step_lib.Distiller(student=student, teachers=teachers, terms=terms,
                                    optimizer=optimizer, schedule=schedule)
     state = step_lib.init_sharded_state(distiller, 0, mesh, rules)
@@ -196,8 +202,11 @@ def run_jax(variant: str, args, setup: dict) -> dict:
         from jaxdistill import quantize
 
         result["teacher_error"] = {
-            name: quantize.output_error(reference_teachers[name], teacher_params[name],
-                                        teachers[name], teacher_params[name], batch)
+            name: quantize.output_error(
+                reference_teachers[name],
+                jax.device_put(reference_params[name], reference_teachers[name].shardings(
+                    mesh, rules)),
+                teachers[name], teacher_params[name], batch)
             for name in teachers}
     return result
 
@@ -398,7 +407,7 @@ def dry_run(args, setup: dict, flops: dict) -> None:
                      for name, fn in teachers.items()}
         distiller = step_lib.Distiller(student=student, teachers=quantized, terms=terms,
                                        optimizer=optimizer, schedule=schedule)
-        jax.eval_shape(distiller.step, state, teacher_shapes, batch)
+        jax.eval_shape(distiller.step, state, {n: q.shapes for n, q in quantized.items()}, batch)
         print(f"fused step with {mode} teachers traces abstractly")
     try:
         torch_counts = torch_param_counts(teacher_cfg, student_cfg, setup["token_ids"])

@@ -121,6 +121,14 @@ def test_cli_plan_data_parallel_json(config_file, capsys, monkeypatch):
     teacher = functional(config_lib.ModelConfig(
         backbone={**BACKBONE, "mlp": 256, "layers": 2}, heads={"relevance": RELEVANCE}))
     assert report["teachers"]["relevance"] == count_params(teacher.shapes) * 2  # bf16
+    # The int8 engagement teacher: projection kernels 1 byte per weight plus a bf16 scale per
+    # output channel; everything else bf16.
+    engagement = functional(config_lib.ModelConfig(backbone=BACKBONE, heads={"actions": ACTIONS}))
+    d, q, kv, f = 64, 4 * 16, 2 * 16, 128
+    kernels = d * q * 2 + d * kv * 2 + 3 * d * f
+    scales = q + kv + kv + d + f + f + d
+    assert report["teachers"]["engagement"] == (
+        (count_params(engagement.shapes) - kernels) * 2 + kernels + scales * 2)
     assert report["fits"] is False and report["device_memory"] == 64 * 1024
 
 

@@ -1,9 +1,11 @@
 """Quantized teachers (qwix PTQ): int8/fp8 outputs stay near the fp32 teacher's, the matmuls
-really run on quantized operands, and the fused step runs with a quantized teacher."""
+really run on quantized operands, the stored weights are per-channel int8 placed by the rules,
+and the fused step runs with a quantized teacher."""
 
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxdistill import parallel, quantize
 from jaxdistill.distill.objectives import Term
@@ -92,22 +94,60 @@ def test_output_error_is_the_hand_computed_kl(quantized):
     assert errors["relevance"]["kl_max"] == pytest.approx(kl.max(), rel=1e-6)
 
 
+def _kernels(tree):
+    layer = tree["backbone"]["layers"]["layer"]
+    return {name: layer[name]["kernel"] for name in PROJECTIONS}
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def test_projections_run_on_quantized_operands(quantized):
     # 7 projections per layer (scanned: one body) on int8 inputs; the fp32 teacher has none.
-    def dots(model):
-        text = jax.jit(model.apply).lower(PARAMS, BATCH).as_text()
+    def dots(model, params):
+        text = jax.jit(model.apply).lower(params, BATCH).as_text()
         return [line for line in text.splitlines() if "stablehlo.dot_general" in line]
 
-    int8_dots = [d for d in dots(quantized["int8"][0]) if "xi8>, tensor<" in d]
-    fp8_dots = [d for d in dots(quantized["fp8"][0]) if "xf8E4M3FN>, tensor<" in d]
+    int8_dots = [d for d in dots(*quantized["int8"]) if "xi8>, tensor<" in d]
+    fp8_dots = [d for d in dots(*quantized["fp8"]) if "xf8E4M3FN>, tensor<" in d]
     assert len(int8_dots) == 7 and len(fp8_dots) == 7
-    assert not [d for d in dots(TEACHER) if "i8>" in d or "f8E4M3" in d]
-    # Same contract as the teacher: params, shapes and shardings unchanged.
+    assert not [d for d in dots(TEACHER, PARAMS) if "i8>" in d or "f8E4M3" in d]
+
+
+def test_stored_weights_are_quantized_per_layer_and_output_channel(quantized):
     qmodel, qparams = quantized["int8"]
-    assert qparams is PARAMS and qmodel.shapes == TEACHER.shapes
-    mesh = parallel.make_mesh((2, 2, 2))
-    assert qmodel.shardings(mesh, parallel.DEFAULT_RULES) == TEACHER.shardings(
-        mesh, parallel.DEFAULT_RULES)
+    for name, kernel in _kernels(qparams).items():
+        weight = _kernels(PARAMS)[name]  # [layers, in, out]
+        assert kernel.qvalue.dtype == np.int8 and kernel.qvalue.shape == weight.shape
+        assert kernel.scale.shape == (weight.shape[0], 1, weight.shape[2])
+        # absmax: each (layer, output) column's largest weight maps to the edge of int8's
+        # range (qwix's symmetric int8 spans 255 half-steps: scale = absmax / 127.5).
+        np.testing.assert_allclose(np.asarray(kernel.scale)[:, 0],
+                                   np.abs(weight).max(axis=1) / 127.5, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(kernel.qvalue) * np.asarray(kernel.scale), weight,
+                                   atol=float(np.asarray(kernel.scale).max()) / 2 + 1e-7)
+    # Everything else (embedding, norms, heads) is the teacher's own.
+    def rest(tree):
+        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves
+                if not any(f"'{name}'" in jax.tree_util.keystr(k) for name in PROJECTIONS)}
+
+    assert rest(qparams).keys() == rest(PARAMS).keys() and len(rest(PARAMS)) > 5
+    for key, value in rest(PARAMS).items():
+        np.testing.assert_array_equal(rest(qparams)[key], value)
+    assert qmodel.shapes == jax.eval_shape(lambda: qparams)
+    # Placed by the teacher's rules: values and scales split like the kernel (fsdp over `embed`
+    # when it divides; a scale's size-1 `embed` dim stays whole); int8 is a quarter of fp32.
+    mesh = parallel.make_mesh((1, 2, 4))
+    placed = jax.device_put(qparams, qmodel.shardings(mesh, parallel.DEFAULT_RULES))
+    q_proj = _kernels(placed)["q_proj"]
+    assert q_proj.qvalue.sharding.spec == P(None, "fsdp", "tensor")
+    assert q_proj.scale.sharding.spec == P(None, None, "tensor")
+    assert {s.data.shape for s in q_proj.qvalue.addressable_shards} == {(2, 32, 16)}
+    fp32 = jax.device_put(PARAMS, TEACHER.shardings(mesh, parallel.DEFAULT_RULES))
+    ratio = (_kernels(fp32)["q_proj"].addressable_shards[0].data.nbytes
+             / q_proj.qvalue.addressable_shards[0].data.nbytes)
+    assert ratio == 4
 
 
 def test_unknown_mode():
@@ -131,7 +171,8 @@ def test_fused_step_with_a_quantized_teacher(quantized):
     for name, teacher in {"fp32": TEACHER, "int8": quantized["int8"][0]}.items():
         distiller = _distiller(teacher)
         state = init_sharded_state(distiller, 0, mesh, rules, params=student_params)
-        teacher_params = {"teacher": jax.device_put(PARAMS, teacher.shardings(mesh, rules))}
+        params = PARAMS if name == "fp32" else quantized[name][1]
+        teacher_params = {"teacher": jax.device_put(params, teacher.shardings(mesh, rules))}
         step = compile_step(distiller, mesh, rules, state, teacher_params, BATCH)
         _, metrics = step.lower(state, teacher_params, BATCH).compile(FAST_COMPILE)(
             state, teacher_params, BATCH)
@@ -139,11 +180,14 @@ def test_fused_step_with_a_quantized_teacher(quantized):
     print(losses)
     assert all(np.isfinite(v) for v in losses["int8"].values())
     assert losses["int8"] != losses["fp32"]  # the quantized teacher really ran
-    # The student's losses move by about the teacher's output error (KL < 1e-3, probs < 0.075).
+    # The student's losses move by about the teacher's output error (KL < 1e-3, probs < 0.075):
+    # measured 5e-3 here (3e-3 on an 8-device mesh, where other float rounding flips other
+    # int8 roundings); 2x that is the bound.
     for key, value in losses["fp32"].items():
-        assert losses["int8"][key] == pytest.approx(value, abs=5e-3), key
+        assert losses["int8"][key] == pytest.approx(value, abs=0.01), key
     # fp8 traces and compiles into the step's shapes (eval_shape: nothing runs).
     distiller = _distiller(quantized["fp8"][0])
     state = jax.eval_shape(distiller.init_state, STUDENT.shapes)
-    _, metrics = jax.eval_shape(distiller.step, state, {"teacher": TEACHER.shapes}, BATCH)
+    _, metrics = jax.eval_shape(distiller.step, state, {"teacher": quantized["fp8"][0].shapes},
+                                BATCH)
     assert metrics["loss/total"].shape == ()
