@@ -279,6 +279,27 @@ def cmd_inspect_hf(args) -> None:
     _print_json(hf.inspect_hf(_existing_dir(args.dir, "HF checkpoint")))
 
 
+def cmd_plan(args) -> None:
+    """Per-device memory of a config's fused step, compiled from abstract arrays (no weights)."""
+    if args.fake_devices:
+        import jax
+
+        try:  # only before jax's backend starts, i.e. here, before anything touches a device
+            jax.config.update("jax_platforms", "cpu")
+            jax.config.update("jax_num_cpu_devices", args.fake_devices)
+        except RuntimeError as error:
+            raise UserError(f"--fake-devices {args.fake_devices}: {error}") from None
+    cfg = _load_config(args.config, args.set)
+    from jaxdistill import plan
+
+    device_memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
+    report = plan.plan(cfg, device_memory)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        _emit(report.format())
+
+
 def cmd_pipeline(args) -> None:
     try:
         module = importlib.import_module("jaxdistill.pipeline")
@@ -535,6 +556,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="size preset (default: the pipeline's own)")
     p.add_argument("--workdir", help="where stages write (default: the pipeline's own)")
     p.set_defaults(handler=cmd_pipeline)
+
+    p = command("plan", "per-device memory of a config's fused step, and whether it fits",
+                "Compile the config's fused step from abstract arrays (no weight is loaded or "
+                "allocated, nothing runs) on its mesh and print per device: student params, "
+                "optimizer state, each teacher, the batch and XLA's temporaries (activations), "
+                "and whether the peak fits --device-memory.")
+    p.add_argument("config", help="experiment YAML (teachers' run:/hf: configs are read, not "
+                                  "their weights)")
+    _add_set(p)
+    p.add_argument("--device-memory", metavar="BYTES",
+                   help="memory of one device, e.g. 80GiB, 141GB (default: no fit verdict)")
+    p.add_argument("--fake-devices", type=int, metavar="N",
+                   help="plan on N fake CPU devices (e.g. 8, with --set mesh.shape=[1,8,1])")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.epilog = ("examples:\n"
+                "  jaxdistill plan configs/bench/linkedin.yaml --device-memory 80GiB\n"
+                "  jaxdistill plan configs/bench/linkedin.yaml --fake-devices 8 "
+                "--set mesh.shape=[1,8,1]")
+    p.set_defaults(handler=cmd_plan)
     return parser
 
 

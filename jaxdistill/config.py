@@ -143,6 +143,9 @@ class TeacherSection(_Section):
     tokenizer: str | None = None
     allow_pickle: bool = False
     init_missing_heads: bool = False
+    quantize: Literal["int8", "fp8"] | None = Field(
+        default=None, description="run the forward's projections in int8/fp8 (jaxdistill.quantize)"
+    )
 
     @model_validator(mode="after")
     def _check_sources(self):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -63,13 +64,24 @@ def make_mesh(
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, rules: Rules) -> PartitionSpec:
-    """PartitionSpec for logical axes; a mesh axis already used by an earlier dim is not reused."""
+    """PartitionSpec for logical axes; a mesh axis already used by an earlier dim is not reused.
+
+    Every logical name must have a rule: a typo (`"mpl"`) would otherwise silently replicate
+    a weight. A rule of `None` (YAML `null`) is how a name says "replicated".
+    """
     if axes is None:
         return PartitionSpec()
     used: set[str] = set()
     spec = []
     for name in axes:
-        target = rules.get(name) if name is not None else None
+        if name is not None and name not in rules:
+            close = difflib.get_close_matches(name, list(rules), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"logical axis {name!r} has no sharding rule{hint}; the rules know "
+                f"{sorted(rules)}. Add `{name}: null` to mesh.rules to replicate it."
+            )
+        target = rules[name] if name is not None else None
         if target is None:
             spec.append(None)
             continue
@@ -96,10 +108,15 @@ def _fits(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpe
 
 
 def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules: Rules):
-    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) given their logical axes."""
+    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) given their logical axes.
+
+    A weight stored as several arrays (a quantized kernel: int8 values and per-channel scales)
+    gives its axes to each of them, fitted to each one's shape.
+    """
 
     def one(axes, leaf):
-        return NamedSharding(mesh, _fits(logical_to_spec(axes, rules), leaf.shape, mesh))
+        spec = logical_to_spec(axes, rules)
+        return jax.tree.map(lambda x: NamedSharding(mesh, _fits(spec, x.shape, mesh)), leaf)
 
     return jax.tree.map(one, axes_tree, shapes_tree, is_leaf=_is_axes)
 

@@ -83,15 +83,43 @@ def setup(cfg: config_lib.Experiment, *, teachers: bool = True) -> Setup:
     loaded = loader.load_teachers(cfg, mesh=mesh, rules=rules, names=used)
     token_keys = loader.tokenizer_keys(cfg.data.tokenizer, loaded)
     optimizer, schedule = make_optimizer(cfg.optimizer)
+    token_specs = {key: loaded.online[name].tokenizer for name, key in token_keys.items()}
+    loaded = _quantize_teachers(cfg, loaded, token_keys, token_specs, mesh, rules)
+    _check_action_heads(cfg, loaded)
     distiller = Distiller(
         student=functional(loader.model_config(cfg.model)), teachers=loaded.models,
         terms=tuple(cfg.objective), optimizer=optimizer, schedule=schedule,
         micro_batches=cfg.trainer.micro_batches, token_keys=token_keys)
-    token_specs = {key: loaded.online[name].tokenizer for name, key in token_keys.items()}
-    _check_action_heads(cfg, loaded)
     if loaded.offline:
         log.info("offline teachers (outputs from batch['offline']): %s", loaded.offline)
     return Setup(cfg, mesh, rules, distiller, loaded, token_specs)
+
+
+def _quantize_teachers(cfg, teachers: loader.Teachers, token_keys, token_specs, mesh, rules
+                       ) -> loader.Teachers:
+    """Teachers with `quantize: int8|fp8` run quantized (qwix); each one's output error against
+    its own precision is measured on the first training batch, logged and kept in the manifest."""
+    modes = {n: s.quantize for n, s in cfg.teachers.items() if s.quantize and n in teachers.online}
+    if not modes:
+        return teachers
+    from jaxdistill import quantize
+    from jaxdistill.distill.step import model_batch
+
+    example = dict(next(iter(split_batches(cfg, cfg.data.train_split, train=False,
+                                           token_specs=token_specs, shard=False))))
+    example.pop("batch_malformed", None)
+    online, manifest = dict(teachers.online), {k: dict(v) for k, v in teachers.manifest.items()}
+    for name, mode in modes.items():
+        teacher = online[name]
+        batch = model_batch(example, token_keys.get(name))
+        qmodel, qparams = quantize.quantize_teacher(teacher.model, teacher.params, mode, batch)
+        qparams = jax.device_put(qparams, qmodel.shardings(mesh, rules))
+        error = quantize.output_error(teacher.model, teacher.params, qmodel, qparams, batch)
+        log.warning("teacher %s runs %s; output error on a training batch: %s", name, mode,
+                    error)
+        manifest[name].update(quantize=mode, quantize_error=error)
+        online[name] = loader.Teacher(qmodel, qparams, teacher.tokenizer)
+    return loader.Teachers(online, teachers.offline, manifest)
 
 
 def _check_action_heads(cfg: config_lib.Experiment, teachers: loader.Teachers) -> None:

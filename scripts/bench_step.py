@@ -8,6 +8,9 @@ seeded random batch (right-padded, lengths in [S/2, S]).
 
     fused          jaxdistill's compile_step(fused=True): teachers + student + update, one program
     unfused        compile_step(fused=False): teachers in their own jit
+    fused+int8     fused, the teachers' projections in int8 (jaxdistill.quantize, qwix PTQ); the
+                   teachers' output error against the unquantized teachers is measured and shown
+    fused+fp8      the same in fp8 e4m3 (skipped on CPU, where XLA emulates fp8 dots in f32)
     torch-eager    the same workload with transformers' PyTorch Qwen3Model
     torch-compile  the same under torch.compile (teachers' forward and student forward+loss)
 
@@ -33,7 +36,11 @@ import time
 
 import numpy as np
 
-VARIANTS = ("fused", "unfused", "torch-eager", "torch-compile")
+VARIANTS = ("fused", "unfused", "fused+int8", "fused+fp8", "torch-eager", "torch-compile")
+QUANTIZED = {"fused+int8": "int8", "fused+fp8": "fp8"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The linkedin preset's shapes are the experiment config `jaxdistill plan` reads too.
+LINKEDIN_CONFIG = os.path.join(REPO, "configs", "bench", "linkedin.yaml")
 ACTIONS = ("click", "apply", "dismiss")
 
 # Dense bf16 peak FLOP/s by device kind (lower-case substring; first match wins).
@@ -67,7 +74,12 @@ def backbones(preset: str):
     from jaxdistill.models import decoder
 
     if preset == "linkedin":
-        return decoder.qwen3_1_7b(), decoder.qwen3_0_6b()
+        from jaxdistill.config import load_config
+        from jaxdistill.models import hf
+
+        cfg = load_config(LINKEDIN_CONFIG)
+        source = cfg.teachers["relevance_teacher"].source.path
+        return hf.config_from_hf(os.path.join(REPO, source)), cfg.model.backbone
     teacher = decoder.DecoderConfig(vocab_size=1024, hidden=128, layers=4, heads=4, kv_heads=2,
                                     head_dim=32, mlp=384)
     student = decoder.DecoderConfig(vocab_size=1024, hidden=64, layers=2, heads=4, kv_heads=2,
@@ -137,24 +149,40 @@ def run_jax(variant: str, args, setup: dict) -> dict:
         teacher_cfg, student_cfg, setup["token_ids"], dtype=nums["dtype"],
         attention_impl=nums["attention_impl"], student_remat=args.student_remat)
     optimizer, schedule = step_lib.make_optimizer(step_lib.OptimizerConfig())
-    distiller = step_lib.Distiller(student=student, teachers=teachers, terms=terms,
-                                   optimizer=optimizer, schedule=schedule)
     mesh = parallel.make_mesh((-1, 1, 1))
     rules = parallel.DEFAULT_RULES
     if args.batch % mesh.size:
         raise ValueError(f"--batch {args.batch} is not divisible by the {mesh.size} devices")
+    mode = QUANTIZED.get(variant)
+    if mode == "fp8" and not accelerator:
+        return {"skipped": "fp8 dots are emulated in f32 on CPU: no speed figure to measure"}
 
     start = time.perf_counter()
     teacher_params = {name: model.init(seed, mesh, rules)
                       for seed, (name, model) in enumerate(teachers.items(), start=1)}
-    state = step_lib.init_sharded_state(distiller, 0, mesh, rules)
     host_batch = make_batch(args.batch, setup["seq"], student_cfg.vocab_size)
+    reference_teachers = teachers
+    if mode is not None:
+        from jaxdistill import quantize
+
+        quantized = {name: quantize.quantize_teacher(model, teacher_params[name], mode, host_batch)
+                     for name, model in teachers.items()}
+        # The unquantized weights wait on the host for the error measurement, so the timed
+        # step's device holds the quantized ones only (the peak still sees both at load).
+        reference_params = jax.device_get(teacher_params)
+        jax.tree.map(lambda x: x.delete(), teacher_params)
+        teachers = {name: qmodel for name, (qmodel, _) in quantized.items()}
+        teacher_params = {name: jax.device_put(qparams, qmodel.shardings(mesh, rules))
+                          for name, (qmodel, qparams) in quantized.items()}
+    distiller = step_lib.Distiller(student=student, teachers=teachers, terms=terms,
+                                   optimizer=optimizer, schedule=schedule)
+    state = step_lib.init_sharded_state(distiller, 0, mesh, rules)
     batch = jax.device_put(host_batch, step_lib.batch_shardings(host_batch, mesh, rules))
     jax.block_until_ready((teacher_params, state, batch))
     init_s = time.perf_counter() - start
 
     step = step_lib.compile_step(distiller, mesh, rules, state, teacher_params, batch,
-                                 fused=variant == "fused")
+                                 fused=variant != "unfused")
 
     def run_one(state):
         state, metrics = step(state, teacher_params, batch)
@@ -165,11 +193,22 @@ def run_jax(variant: str, args, setup: dict) -> dict:
                 if k.startswith("loss/")}
 
     device = jax.local_devices()[0]
-    return timed_loop(
+    result = timed_loop(
         run_one, state, first_losses, args, init_s,
         device_kind=device.device_kind, devices=mesh.size, dtype=nums["dtype"],
         peak_memory=lambda: (device.memory_stats() or {}).get("peak_bytes_in_use"),
     )
+    if mode is not None:  # after timing: the reference forwards would move the peak memory
+        from jaxdistill import quantize
+
+        result["teacher_error"] = {
+            name: quantize.output_error(
+                reference_teachers[name],
+                jax.device_put(reference_params[name], reference_teachers[name].shardings(
+                    mesh, rules)),
+                teachers[name], teacher_params[name], batch)
+            for name in teachers}
+    return result
 
 
 def timed_loop(run_one, state, first_losses, args, init_s, *, peak_memory, **info) -> dict:
@@ -324,39 +363,18 @@ def run_torch(variant: str, args, setup: dict) -> dict:
 
 
 def flop_count(args, setup: dict) -> dict:
-    """Model FLOPs per step (DESIGN.md's convention) and the parameter counts behind them."""
-    from jaxdistill.models.model import count_params
+    """Model FLOPs per step split by model (jaxdistill.flops, DESIGN.md's convention)."""
+    from jaxdistill import flops
 
     teacher_cfg, student_cfg = backbones(args.preset)
     teachers, student, _ = jax_models(teacher_cfg, student_cfg, setup["token_ids"])
-    batch, seq = args.batch, setup["seq"]
-    tokens = batch * seq
-
-    def attention(cfg):  # QK^T and AV: 2 matmuls x 2 FLOPs/MAC, halved for the causal mask
-        return 4 * batch * seq**2 * cfg.layers * cfg.heads * cfg.head_dim / 2
-
-    models = {name: (fn, 1) for name, fn in teachers.items()} | {"student": (student, 3)}
-    counts, total = {}, 0.0
-    for name, (fn, passes) in models.items():
-        non_embedding = count_params(fn.shapes, exclude_embeddings=True)
-        flops = passes * (2 * non_embedding * tokens + attention(fn.cfg.backbone))
-        counts[name] = dict(params=count_params(fn.shapes), non_embedding=non_embedding,
-                            flops=flops)
-        total += flops
-    return dict(models=counts, total=total, tokens=tokens)
+    return flops.step_flops(student, teachers, args.batch, setup["seq"])
 
 
-FLOP_FORMULA = """\
-FLOPs/step = sum over teachers [2*N_t*tokens + A_t] + 3*[2*N_s*tokens + A_s]
-  N       = non-embedding params (count_params(exclude_embeddings=True); heads included; the
-            token_score head reads only 2 embedding rows: 2*2*D per example, not counted)
-  tokens  = B*S, padding included (every variant computes padded positions)
-  A       = attention forward = 4*B*S^2*layers*heads*head_dim / 2  (causal halving COUNTED:
-            only the lower triangle of QK^T and AV is useful work)
-  x3      = the student's forward + backward; teachers run forward only"""
-
-
-def peak_flops(device_kind: str) -> float | None:
+def peak_flops(device_kind: str, peak_tflops: float | None = None) -> float | None:
+    """--peak-tflops if given, else the dense bf16 peak of a known accelerator (none on CPU)."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
     kind = device_kind.lower()
     return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), None)
 
@@ -382,6 +400,15 @@ def dry_run(args, setup: dict, flops: dict) -> None:
     teacher_shapes = {name: fn.shapes for name, fn in teachers.items()}
     _, metrics = jax.eval_shape(distiller.step, state, teacher_shapes, batch)
     print(f"fused step traces abstractly: metrics {sorted(metrics)}")
+    from jaxdistill import quantize
+
+    for mode in QUANTIZED.values():
+        quantized = {name: quantize.quantize_teacher(fn, None, mode, batch)[0]
+                     for name, fn in teachers.items()}
+        distiller = step_lib.Distiller(student=student, teachers=quantized, terms=terms,
+                                       optimizer=optimizer, schedule=schedule)
+        jax.eval_shape(distiller.step, state, {n: q.shapes for n, q in quantized.items()}, batch)
+        print(f"fused step with {mode} teachers traces abstractly")
     try:
         torch_counts = torch_param_counts(teacher_cfg, student_cfg, setup["token_ids"])
     except ImportError as error:
@@ -419,9 +446,9 @@ def run_variant(variant: str, args, setup: dict) -> dict:
     try:
         return (run_torch if variant.startswith("torch") else run_jax)(variant, args, setup)
     except Exception as error:
-        if variant != "torch-compile":
+        if variant not in ("torch-compile", "fused+fp8"):
             raise
-        return {"skipped": f"torch.compile failed: {type(error).__name__}: {error}"[:500]}
+        return {"skipped": f"{variant} failed: {type(error).__name__}: {error}"[:500]}
 
 
 def run_isolated(variant: str, args, env: dict) -> dict:
@@ -461,6 +488,8 @@ def describe(variant: str, r: dict) -> str:
 
 
 def table(results: dict, flops: dict, args, seq: int) -> str:
+    from jaxdistill import flops as flops_lib
+
     timed = {v: r for v, r in results.items() if "skipped" not in r}
     baseline = next((v for v in ("torch-compile", "torch-eager") if v in timed), None)
     head = (f"{'variant':14s} {'compile s':>9s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} "
@@ -471,8 +500,8 @@ def table(results: dict, flops: dict, args, seq: int) -> str:
             lines.append(f"{variant:14s} skipped: {r['skipped'][:90]}")
             continue
         step_s = r["step_s"]
-        peak = peak_flops(r["device_kind"])
-        mfu = f"{flops['total'] / step_s / peak:6.1%}" if peak and r["device_kind"] != "cpu" else "   n/a"
+        peak = peak_flops(r["device_kind"], args.peak_tflops)
+        mfu = f"{flops_lib.mfu(flops['total'], step_s, peak):6.1%}" if peak else "   n/a"
         memory = f"{r['peak_bytes'] / 2**30:.2f} GiB" + (" rss" if r["peak_kind"] == "rss" else "")
         ratio = f"{timed[baseline]['step_s'] / step_s:.2f}x" if baseline else "n/a"
         lines.append(
@@ -482,9 +511,22 @@ def table(results: dict, flops: dict, args, seq: int) -> str:
     if "fused" in timed and "unfused" in timed:
         lines.append(f"fused vs unfused: {timed['unfused']['step_s'] / timed['fused']['step_s']:.2f}x"
                      " (unfused ms / fused ms)")
+    for variant, r in timed.items():
+        peak = peak_flops(r["device_kind"], args.peak_tflops)
+        if peak:
+            shares = ", ".join(f"{name} {flops_lib.mfu(m['flops'], r['step_s'], peak):.1%}"
+                               for name, m in flops["models"].items())
+            lines.append(f"MFU by model, {variant}: {shares} (each model's FLOPs over the whole "
+                         f"step's time at {peak / 1e12:.0f} TFLOP/s; they sum to the MFU column)")
+    for variant, r in timed.items():
+        for teacher, heads in r.get("teacher_error", {}).items():
+            lines.append(f"{variant} {teacher} output error vs unquantized: "
+                         + "; ".join(f"{head} " + ", ".join(f"{k} {v:.2e}" for k, v in e.items())
+                                     for head, e in heads.items()))
     lines.append(f"ratios are speed-ups (baseline ms / variant ms); ms/step is the median of "
                  f"{args.steps} steps after {args.warmup} warm-up steps; 'compile s' is the first "
-                 f"step's wall time (trace + compile + run)")
+                 f"step's wall time (trace + compile + run); MFU counts against the bf16 peak "
+                 f"(--peak-tflops), int8/fp8 teachers included")
     return "\n".join(lines)
 
 
@@ -512,6 +554,9 @@ def parse_args(argv=None):
                         help="intra-op threads of torch (and XLA's CPU backend, when 1) on CPU: "
                              "one thread keeps a shared machine from wrecking the figures")
     parser.add_argument("--child-timeout", type=int, help="seconds per variant (preset default)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="peak dense TFLOP/s of one device for MFU (default: the bf16 peak of "
+                             "a known GPU/TPU, e.g. 989 for H100/H200; none on CPU)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every variant in this process (debugging; peak memory is then "
                              "a process-wide high-water mark)")
@@ -554,7 +599,7 @@ def main(argv=None) -> None:
     if args.dry_run:
         flops = flop_count(args, setup)
         dry_run(args, setup, flops)
-        print(FLOP_FORMULA)
+        print(flops["formula"])
         print(f"  = {flops['total'] / 1e12:.3f} TFLOP/step for {flops['tokens']} tokens")
         return
 
@@ -572,7 +617,7 @@ def main(argv=None) -> None:
 
     flops = flop_count(args, setup)
     print()
-    print(FLOP_FORMULA)
+    print(flops["formula"])
     for name, c in flops["models"].items():
         print(f"  {name}: N = {c['non_embedding']:,} non-embedding ({c['params']:,} total), "
               f"{c['flops'] / 1e12:.4f} TFLOP/step")

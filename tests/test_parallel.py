@@ -143,3 +143,104 @@ def test_constrain_is_a_noop_outside_activation_rules():
     np.testing.assert_array_equal(np.asarray(y), 2.0)
     # The context is restored on exit.
     assert parallel.constrain(x, ("batch", None, None)) is x
+
+
+# ------------------------------------------------------------------ missing rules are errors
+
+
+def test_logical_axis_without_a_rule_is_an_error():
+    with pytest.raises(ValueError, match=r"logical axis 'mpl' has no sharding rule \(did you mean "
+                                         r"'mlp'\?\); the rules know \['actions', 'batch'"):
+        logical_to_spec(("embed", "mpl"), DEFAULT_RULES)
+    with pytest.raises(ValueError, match=r"'experts' has no sharding rule;.*`experts: null`"):
+        logical_to_spec(("experts",), {"batch": "data"})
+    # An explicit null rule still means replicated; a None axis needs no rule.
+    assert logical_to_spec(("experts", None), {"experts": None}) == P(None, None)
+
+
+# ------------------------------------------------------------------ bytes per device
+
+TINY = {"type": "decoder", "vocab_size": 256, "hidden": 64, "layers": 2, "heads": 4,
+        "kv_heads": 2, "head_dim": 16, "mlp": 128, "dtype": "float32", "param_dtype": "float32",
+        "remat": "none"}
+# Attention and MLP kernels: the weights tensor parallelism splits.
+TP_WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _bytes_by_device(tree) -> dict:
+    """Bytes each device holds of a tree of arrays, read off their addressable shards."""
+    held = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return held
+
+
+def _one_device_bytes(tree) -> int:
+    held = _bytes_by_device(tree)
+    assert len(held) == 8 and len(set(held.values())) == 1, held  # evenly spread over 8
+    return next(iter(held.values()))
+
+
+def _total_bytes(tree) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+
+
+def _tp_subtree(params):
+    layer = params["backbone"]["layers"]["layer"]
+    return {name: layer[name] for name in TP_WEIGHTS}
+
+
+@pytest.fixture(scope="module")
+def placed():
+    """Student state and two teachers' params created in their shardings on three meshes."""
+    from jaxdistill.distill.objectives import Term
+    from jaxdistill.distill.step import (Distiller, OptimizerConfig, init_sharded_state,
+                                         make_optimizer)
+    from jaxdistill.models.model import ModelConfig, functional
+
+    heads = {"actions": {"type": "actions", "names": ["click", "apply"]}}
+    student = functional(ModelConfig(backbone=TINY, heads=heads))
+    teachers = {"wide": functional(ModelConfig(backbone={**TINY, "mlp": 256}, heads=heads)),
+                "deep": functional(ModelConfig(backbone={**TINY, "layers": 3}, heads=heads))}
+    optimizer, schedule = make_optimizer(OptimizerConfig())
+    distiller = Distiller(student=student, teachers=teachers, optimizer=optimizer,
+                          schedule=schedule, terms=(Term(name="eng", loss="soft_bce",
+                                                         student="actions", teacher="wide"),))
+    # Host zeros placed by device_put: only the optimizer's init is compiled (once per mesh).
+    host = lambda model: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), model.shapes)  # noqa
+    out = {}
+    for name, shape in {"data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 1, 8)}.items():
+        mesh = parallel.make_mesh(shape)
+        state = init_sharded_state(distiller, 0, mesh, DEFAULT_RULES, params=host(student))
+        adam = state["opt_state"][1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
+        out[name] = {"student": state["params"], "mu": adam.mu, "nu": adam.nu} | {
+            t: jax.device_put(host(model), model.shardings(mesh, DEFAULT_RULES))
+            for t, model in teachers.items()}
+    return out
+
+
+def test_data_parallel_replicates_params_and_optimizer_state(placed):
+    for tree in placed["data"].values():
+        assert _one_device_bytes(tree) == _total_bytes(tree)
+
+
+def test_fsdp_divides_params_and_optimizer_state(placed):
+    # Every weight has an `embed` dim (64, divisible by 8) except the per-head q/k norms and
+    # the action biases: a few hundred replicated bytes on top of 1/8 of the rest.
+    for name, tree in placed["fsdp"].items():
+        total, per_device = _total_bytes(tree), _one_device_bytes(tree)
+        assert total / 8 <= per_device <= total / 8 * 1.02, name
+        q_proj = tree["backbone"]["layers"]["layer"]["q_proj"]["kernel"]
+        assert {s.data.shape for s in q_proj.addressable_shards} == {(q_proj.shape[0], 8, 64)}
+
+
+def test_tensor_parallel_divides_attention_and_mlp_weights(placed):
+    for name, tree in placed["tensor"].items():
+        tp = _tp_subtree(tree)
+        assert _one_device_bytes(tp) * 8 == _total_bytes(tp), name
+        # Norms have no tensor-parallel axis: replicated.
+        norms = tree["backbone"]["layers"]["layer"]["input_norm"]
+        assert _one_device_bytes(norms) == _total_bytes(norms)
+        # Everything else: the embedding splits over vocab, heads and norms stay whole.
+        assert _one_device_bytes(tree) < _total_bytes(tree) / 4, name

@@ -137,6 +137,23 @@ def test_keep_best_keeps_the_best_step_and_load_params_reads_it(teacher_run):
         assert np.array_equal(a, b)
 
 
+def test_distill_from_an_int8_teacher_records_its_output_error(teacher_run, data_dir, tokenizer,
+                                                                tmp_path):
+    """`teachers.X.quantize: int8`: the teacher runs quantized in the step; its output error
+    against its own precision, measured on a training batch, is in the checkpoint's manifest."""
+    teachers = {"relevance_teacher": {"source": f"run:{teacher_run[0].run_dir}",
+                                      "dtype": "float32", "quantize": "int8"}}
+    cfg = experiment(data_dir, tokenizer, "student", teachers=teachers,
+                     trainer={"steps": 2, "eval_every": 2, "log_every": 1, "progress": False})
+    result = train.run(cfg, tmp_path / "student", report=False)
+    assert np.isfinite(result.metrics["loss/distill_relevance_teacher"])
+    reader = Checkpointer(result.checkpoint_dir, read_only=True)
+    manifest = reader.read_meta()["manifest"]["relevance_teacher"]
+    reader.close()
+    assert manifest["quantize"] == "int8"
+    assert 0 <= manifest["quantize_error"]["relevance"]["kl_mean"] < 1e-2
+
+
 @pytest.mark.slow
 def test_distill_from_a_run_teacher_and_refuse_other_teachers(teacher_run, data_dir, tokenizer,
                                                                tmp_path):
