@@ -183,10 +183,27 @@ class TrainerSection(_Section):
 
 
 class MeshSection(_Section):
+    """The (data, fsdp, tensor) mesh and the logical-axis rules. `rules` is merged over the
+    default table (`jaxdistill.parallel.DEFAULT_RULES`): name only what changes, `null` to
+    replicate. A rule naming a mesh axis that does not exist is refused."""
+
     shape: tuple[int, int, int] = (-1, 1, 1)
     rules: dict[str, str | tuple[str, ...] | None] = Field(
         default_factory=lambda: dict(DEFAULT_RULES)
     )
+
+    @model_validator(mode="after")
+    def _merge_rules(self):
+        from jaxdistill.parallel import MESH_AXES
+
+        for name, target in self.rules.items():
+            targets = () if target is None else (target,) if isinstance(target, str) else target
+            bad = [t for t in targets if t not in MESH_AXES]
+            if bad:
+                raise ValueError(f"rules.{name}: mesh axis {bad[0]!r} does not exist; the mesh "
+                                 f"axes are {list(MESH_AXES)} (or null to replicate)")
+        object.__setattr__(self, "rules", {**DEFAULT_RULES, **self.rules})
+        return self
 
 
 class KeepBest(_Section):

@@ -229,3 +229,12 @@ def test_documented_experiment_is_valid():
     data.pop("base")
     cfg = validate(data, source="docs/configs.md")
     assert [t.name for t in cfg.objective] == ["relevance_kd", "engagement_kd", "listwise"]
+
+
+def test_mesh_rules_merge_over_the_defaults_and_name_real_mesh_axes():
+    from jaxdistill.parallel import DEFAULT_RULES
+
+    cfg = load_config(EXAMPLES / "student.yaml", ["mesh.rules={embed: null}"])
+    assert cfg.mesh.rules == {**DEFAULT_RULES, "embed": None}
+    message = error(overrides=["mesh.rules={mlp: tensr}"])
+    assert "mesh: rules.mlp: mesh axis 'tensr' does not exist" in message
