@@ -12,6 +12,7 @@ from jaxdistill.distill.objectives import Term
 from jaxdistill.distill.step import Distiller, OptimizerConfig, compile_step, init_sharded_state
 from jaxdistill.distill.step import make_optimizer
 from jaxdistill.models.model import ModelConfig, functional
+from weights import random_params
 
 VOCAB, B, T = 128, 8, 16
 BACKBONE = {"type": "decoder", "vocab_size": VOCAB, "hidden": 64, "layers": 2, "heads": 4,
@@ -27,21 +28,6 @@ STUDENT = functional(ModelConfig(backbone={**BACKBONE, "hidden": 32, "mlp": 64, 
 # fp8 (e4m3, 3 mantissa bits, on weights and activations) KL 6e-3, probs 0.095, pooled 14%.
 BOUNDS = {"int8": {"kl_mean": 1e-3, "max_abs_prob": 0.075, "rel_l2": 0.1},
           "fp8": {"kl_mean": 0.015, "max_abs_prob": 0.25, "rel_l2": 0.35}}
-
-
-def random_params(model, seed, stddev):
-    """Weights drawn on the host (no init program to compile): norms 1, biases 0, rest normal."""
-    rng = np.random.default_rng(seed)
-
-    def one(path, shape):
-        name = getattr(path[-1], "key", None)
-        if name == "scale":
-            return np.ones(shape.shape, np.float32)
-        if name == "bias":
-            return np.zeros(shape.shape, np.float32)
-        return (stddev * rng.normal(size=shape.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(one, model.shapes)
 
 
 def make_batch(seed):

@@ -18,6 +18,7 @@ from jaxdistill.distill.step import (
     make_optimizer,
 )
 from jaxdistill.models.model import ModelConfig, count_params, functional
+from weights import random_params
 
 RULES = parallel.DEFAULT_RULES
 B, T, VOCAB = 8, 8, 128
@@ -43,21 +44,6 @@ TERMS = (
     Term(name="engagement_teacher", loss="soft_bce", student="actions", teacher="eng"),
     Term(name="clicks", loss="bce", student="actions", label="clicks", weight=0.5),
 )
-
-
-def random_params(model, seed, stddev):
-    """Weights drawn on the host (no init program to compile): norms 1, biases 0, rest normal."""
-    rng = np.random.default_rng(seed)
-
-    def one(path, shape):
-        name = getattr(path[-1], "key", None)
-        if name == "scale":
-            return np.ones(shape.shape, np.float32)
-        if name == "bias":
-            return np.zeros(shape.shape, np.float32)
-        return (stddev * rng.normal(size=shape.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(one, model.shapes)
 
 
 def make_batch(seed, b=B, t=T, nan_clicks=False):

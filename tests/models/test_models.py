@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from jaxdistill import parallel
 from jaxdistill.models import decoder, encoder
 from jaxdistill.models.model import ModelConfig, count_params, functional
+from weights import random_params as _random_params
 
 # ------------------------------------------------------------------ full-size configs (abstract)
 
@@ -113,21 +114,6 @@ ENCODER_HEADS = {
     "relevance": {"type": "classifier", "classes": 2},
     "actions": {"type": "actions", "names": ["click", "apply"]},
 }
-
-
-def _random_params(model, seed, stddev=0.2):
-    """Weights drawn on the host (no init program to compile): norms 1, biases 0, rest normal."""
-    rng = np.random.default_rng(seed)
-
-    def one(path, shape):
-        name = getattr(path[-1], "key", None)
-        if name == "scale":
-            return np.ones(shape.shape, np.float32)
-        if name == "bias":
-            return np.zeros(shape.shape, np.float32)
-        return (stddev * rng.normal(size=shape.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(one, model.shapes)
 
 
 def _forward(model):
