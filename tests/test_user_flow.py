@@ -242,3 +242,56 @@ def test_new_user_flow(tmp_path, capsys):
     assert code == 2, err
     assert str(student_tokenizer) in err and str(bert_dir) in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_loop_eval_equals_eval_and_predict(tmp_path, capsys):
+    """The loop's last eval, `jaxdistill eval` on the same split and batches, and `predict`'s
+    probabilities give the same numbers (one forward path). Slow (~20 s CPU): three programs
+    compile (train step, eval, predict)."""
+    from sklearn import metrics as skm
+
+    from jaxdistill.data.sources import write_dataset
+
+    tokenizer_dir = save_bert(tmp_path / "tokenizer", SPECIALS + WORDS, with_model=False)
+    validation = mail_records(16, 1)
+    data_dir = tmp_path / "mail"
+    write_dataset({"train": mail_records(32, 0), "validation": validation}, "text", data_dir)
+    cfg = {"name": "spam", **COMMON,
+           "trainer": {**COMMON["trainer"], "steps": 3, "eval_every": 3, "log_every": 3},
+           "model": {"backbone": {"type": "encoder", "vocab_size": len(SPECIALS) + len(WORDS),
+                                  "hidden": 16, "layers": 1, "heads": 2, "mlp": 32,
+                                  "max_positions": 16, "dtype": "float32", "remat": "none"},
+                     "heads": {"spam": {"type": "classifier", "classes": 2}}},
+           "objective": [label_term("spam")],
+           "data": {"path": str(data_dir), "kind": "text", "tokenizer": str(tokenizer_dir),
+                    "max_len": 16, "batch_size": 8}}
+    config = tmp_path / "spam.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", config, "--run-dir", run_dir)
+    assert code == 0, err
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    loop = next(r for r in logged if r.get("step") == 3 and "eval/spam/accuracy" in r)
+
+    code, out, err = run(capsys, "eval", run_dir, "--split", "validation", "--max-batches", 2,
+                         "--out", tmp_path / "eval.json")
+    assert code == 0, err
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    for name in ("spam/accuracy", "spam/macro_f1", "spam/log_loss", "spam/auroc"):
+        assert evaluated["metrics"][name] == pytest.approx(loop[f"eval/{name}"], rel=1e-6), name
+    assert evaluated["terms"]["loss/spam_labels"] == pytest.approx(
+        loop["eval/loss/spam_labels"], rel=1e-6)
+
+    code, out, err = run(capsys, "predict", run_dir, "--split", "validation", "--out",
+                         tmp_path / "scores.jsonl")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in validation]
+    probs = np.array([r["spam/probabilities"] for r in rows])
+    labels = np.array([r["labels"]["spam"] for r in validation])
+    assert loop["eval/spam/accuracy"] == pytest.approx(
+        skm.accuracy_score(labels, probs.argmax(-1)))
+    assert loop["eval/spam/auroc"] == pytest.approx(skm.roc_auc_score(labels, probs[:, 1]))
+    probs /= probs.sum(-1, keepdims=True)  # float32 rows, as classification_metrics does
+    assert loop["eval/spam/log_loss"] == pytest.approx(skm.log_loss(labels, probs), rel=1e-5)
