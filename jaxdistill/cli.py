@@ -32,10 +32,24 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _load_config(path: str, overrides: Sequence[str]):
+def _load_config(path: str, overrides: Sequence[str], *, allow_pickle: bool = False):
+    """The experiment; `allow_pickle` (--allow-pickle) sets `allow_pickle: true` on the model
+    and on every teacher, so pickle weight files of hf: sources load."""
     from jaxdistill.config import load_config
 
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    if not allow_pickle:
+        return cfg
+    trusted = ["model.allow_pickle=true",
+               *(f"teachers.{name}.allow_pickle=true" for name in cfg.teachers)]
+    return load_config(path, [*overrides, *trusted])
+
+
+def _add_allow_pickle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load pickle weight files (pytorch_model.bin) of hf: sources; "
+                             "unpickling can run code, so only for checkpoints you trust "
+                             "(= model.allow_pickle and teachers.NAME.allow_pickle)")
 
 
 def _module(name: str, what: str):
@@ -102,7 +116,7 @@ def _config_and_run_dir(target: str, overrides: Sequence[str], run_dir: str | No
 
 def cmd_train(args) -> None:
     """`train` (no teachers) and `distill` (at least one teacher): one engine, train.run."""
-    cfg = _load_config(args.config, args.set)
+    cfg = _load_config(args.config, args.set, allow_pickle=args.allow_pickle)
     if args.command == "train" and cfg.teachers:
         raise UserError(
             f"{args.config}: `train` fits one model on labels, but the config names teachers "
@@ -171,7 +185,7 @@ def cmd_report(args) -> None:
 def cmd_cache_teacher(args) -> None:
     from jaxdistill import cache
 
-    cfg = _load_config(args.config, args.set)
+    cfg = _load_config(args.config, args.set, allow_pickle=args.allow_pickle)
     outputs = args.outputs.split(",") if args.outputs else None
     report = cache.cache_teacher(cfg, args.teacher, args.out, outputs=outputs,
                                  overwrite=args.overwrite)
@@ -294,12 +308,14 @@ def cmd_pipeline(args) -> None:
 # ----------------------------------------------------------------------------- parser
 
 _EPILOGS = {
-    "main": """examples:
-  jaxdistill data prepare logs.jsonl --kind listwise --out data/job_search
+    "main": """examples (the data: `python scripts/make_example_data.py`, then the data prepare line):
+  jaxdistill data prepare --kind listwise --out data/examples/job_search \\
+      --split train=data/examples/train.jsonl --split validation=data/examples/validation.jsonl
   jaxdistill train configs/examples/relevance_teacher.yaml
-  jaxdistill distill configs/examples/student.yaml --set trainer.steps=2000
+  jaxdistill train configs/examples/engagement_teacher.yaml
+  jaxdistill distill configs/examples/student.yaml --set trainer.steps=200
   jaxdistill eval runs/student
-  jaxdistill predict runs/student --data new_records.jsonl --out scores.jsonl
+  jaxdistill predict runs/student --data data/examples/new_records.jsonl --out scores.jsonl
   jaxdistill report runs/student
   jaxdistill export runs/student --out exports/student
 
@@ -309,60 +325,69 @@ Run `jaxdistill COMMAND --help` for each command's options.""",
   jaxdistill train configs/examples/engagement_teacher.yaml --set trainer.steps=500 \\
       --run-dir runs/engagement_v2
 
-The run directory (default runs/<name>) receives config.yaml, run.json, metrics.jsonl and
-checkpoints/. An existing run resumes from its latest checkpoint unless --no-resume.""",
+The run directory (default runs/<name>) receives config.yaml, run.json, metrics.jsonl, log.txt
+(library logging) and checkpoints/. An existing run resumes from its latest checkpoint unless
+--no-resume.""",
     "distill": """examples:
   jaxdistill distill configs/examples/student.yaml
   jaxdistill distill configs/examples/student.yaml --set objective.0.weight=0.5
 
-Each teacher's term is logged under loss/<term name> in metrics.jsonl. A resumed run refuses
-teachers that changed since its checkpoint unless --force-teachers.""",
+Each teacher's term is logged under loss/<term name> in metrics.jsonl. Each teacher reads its
+own tokenizer's ids (a run records its tokenizer; an hf: directory holds one). A resumed run
+refuses teachers that changed since its checkpoint unless --force-teachers.""",
     "eval": """examples:
   jaxdistill eval runs/student
-  jaxdistill eval configs/examples/student.yaml --split test --out student_test.json
+  jaxdistill eval configs/examples/student.yaml --split validation --out student_validation.json
 
 Prints (and writes to RUN_DIR/eval.json unless --out) the mean of every objective term over
-the split and each head's metrics by its type: classifier accuracy, macro-F1, log loss, AUROC,
-ECE; actions AUROC, average precision, ECE; ranking NDCG@10, poor-match@10; agreement of every
-distilled head with its teacher.""",
+the split's full batches and each head's metrics by its type, over every record: classifier
+accuracy, macro-F1, log loss, AUROC, ECE; actions AUROC, average precision, ECE; ranking
+NDCG@10, poor-match@10; agreement of every distilled head with its teacher.""",
     "predict": """examples:
-  jaxdistill predict runs/student --data new_records.jsonl --out scores.jsonl
-  jaxdistill predict runs/student --data data/job_search --split test --out scores.parquet
+  jaxdistill predict runs/student --data data/examples/new_records.jsonl --out scores.jsonl
+  jaxdistill predict runs/student --data data/examples/job_search --split validation \\
+      --out scores.parquet
 
 One row per record (per candidate for listwise data) with the record's id, each head's raw
 outputs and probabilities, calibrated where the run has calibration.json.""",
     "report": """examples:
   jaxdistill report runs/student
-  jaxdistill report runs/student runs/student_relevance_only --out reports/students
+  jaxdistill report runs/student runs/relevance_teacher --out reports/student
 
 Writes report.md with PNG plots beside it: loss per objective term and eval metrics over
 steps, reliability diagrams of calibrated heads, confusion matrices of classifiers, and a
 side-by-side table when several runs are given.""",
     "cache-teacher": """examples:
   jaxdistill cache-teacher configs/examples/student.yaml --teacher relevance \\
-      --out data/job_search_relevance
+      --out data/examples/job_search_relevance
 
-Then use it: teachers.relevance.source: offline:data/job_search_relevance and
-data.path: data/job_search_relevance (outputs travel with the records). Cache a second
-teacher by running cache-teacher again on a config whose data.path is the first cache.""",
+Then use it: teachers.relevance.source: offline:data/examples/job_search_relevance and
+data.path: data/examples/job_search_relevance (outputs travel with the records). Cache a
+second teacher by running cache-teacher again on a config whose data.path is the first cache.""",
     "export": """examples:
   jaxdistill export runs/student --out exports/student
   python -c "import transformers; transformers.AutoModel.from_pretrained('exports/student')"
 
 Task heads travel in jaxdistill_heads.json / jaxdistill_heads.safetensors beside the HF files.""",
-    "data": """examples:
-  jaxdistill data prepare logs.jsonl --kind listwise --out data/job_search
-  jaxdistill data prepare val.parquet --kind listwise --out data/job_search --split validation
-  jaxdistill data prepare --kind text --out data/mail --split train=train.csv \\
-      --split validation=val.jsonl
-  jaxdistill data prepare all.jsonl --kind text --out data/mail --split-fractions 0.8,0.1,0.1""",
+    "data": """examples (the input files: `python scripts/make_example_data.py`):
+  jaxdistill data prepare --kind listwise --out data/examples/job_search \\
+      --split train=data/examples/train.jsonl --split validation=data/examples/validation.jsonl
+  jaxdistill data prepare data/examples/mail.jsonl --kind text --out data/examples/mail \\
+      --split-fractions 0.8,0.1,0.1
+  jaxdistill data prepare data/examples/mail.jsonl --kind text --out data/examples/mail_ids \\
+      --split-fractions 0.8,0.1,0.1 --tokenizer builtin:wordpiece --max-len 32
+
+Progress and library logging go to OUT.log (a file beside --out); the console shows the result.""",
     "inspect": """examples:
   jaxdistill inspect config configs/examples/student.yaml --set trainer.steps=10
   jaxdistill inspect checkpoint runs/student
-  jaxdistill inspect data data/job_search
+  jaxdistill inspect data data/examples/job_search
   jaxdistill inspect hf exports/student""",
     "pipeline": """examples:
-  jaxdistill pipeline configs/job_search/pipeline.yaml --preset small""",
+  jaxdistill pipeline configs/job_search/pipeline.yaml --preset laptop
+  jaxdistill pipeline configs/job_search/pipeline.yaml --preset full --workdir runs/full
+
+Presets: laptop (CPU, about 9 minutes) and full (realistic sizes, for a GPU or TPU).""",
 }
 
 
@@ -413,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start afresh even if the run directory has checkpoints")
         p.add_argument("--force-teachers", action="store_true",
                        help="resume even though the teachers differ from the checkpoint's")
+        _add_allow_pickle(p)
         p.set_defaults(handler=cmd_train)
 
     p = command("eval", "evaluate a run on a split",
@@ -457,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", help="comma-separated teacher outputs to keep (default: every "
                                      "head but lm; 'pooled' for the pooled hidden state)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_allow_pickle(p)
     p.set_defaults(handler=cmd_cache_teacher)
 
     p = command("export", "export a run's model (HF transformers format)",

@@ -295,3 +295,15 @@ def test_loop_eval_equals_eval_and_predict(tmp_path, capsys):
     assert loop["eval/spam/auroc"] == pytest.approx(skm.roc_auc_score(labels, probs[:, 1]))
     probs /= probs.sum(-1, keepdims=True)  # float32 rows, as classification_metrics does
     assert loop["eval/spam/log_loss"] == pytest.approx(skm.log_loss(labels, probs), rel=1e-5)
+
+
+def test_allow_pickle_flag_trusts_the_model_and_every_teacher():
+    from pathlib import Path
+
+    student = Path(__file__).resolve().parents[1] / "configs" / "examples" / "student.yaml"
+    cfg = cli._load_config(student, [], allow_pickle=True)
+    assert cfg.model.allow_pickle and all(t.allow_pickle for t in cfg.teachers.values())
+    cfg = cli._load_config(student, [])
+    assert not cfg.model.allow_pickle and not any(t.allow_pickle for t in cfg.teachers.values())
+    args = cli.build_parser().parse_args(["distill", str(student), "--allow-pickle"])
+    assert args.allow_pickle
