@@ -308,7 +308,7 @@ def cmd_pipeline(args) -> None:
 # ----------------------------------------------------------------------------- parser
 
 _EPILOGS = {
-    "main": """examples (the data: `python scripts/make_example_data.py`, then the data prepare line):
+    "main": """examples: (data: `python scripts/make_example_data.py`, then `data prepare`)
   jaxdistill data prepare --kind listwise --out data/examples/job_search \\
       --split train=data/examples/train.jsonl --split validation=data/examples/validation.jsonl
   jaxdistill train configs/examples/relevance_teacher.yaml
@@ -369,7 +369,7 @@ second teacher by running cache-teacher again on a config whose data.path is the
   python -c "import transformers; transformers.AutoModel.from_pretrained('exports/student')"
 
 Task heads travel in jaxdistill_heads.json / jaxdistill_heads.safetensors beside the HF files.""",
-    "data": """examples (the input files: `python scripts/make_example_data.py`):
+    "data": """examples: (the input files: `python scripts/make_example_data.py`)
   jaxdistill data prepare --kind listwise --out data/examples/job_search \\
       --split train=data/examples/train.jsonl --split validation=data/examples/validation.jsonl
   jaxdistill data prepare data/examples/mail.jsonl --kind text --out data/examples/mail \\
