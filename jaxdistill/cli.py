@@ -143,10 +143,11 @@ def cmd_eval(args) -> None:
     if args.max_batches is not None and args.max_batches < 1:
         raise UserError(f"--max-batches must be a positive number of batches, found "
                         f"{args.max_batches}")
-    from jaxdistill import runs
+    from jaxdistill import logs, runs
 
-    result = {"run_dir": os.fspath(run_dir), "split": split,
-              **runs.evaluate_run(cfg, run_dir, split, max_batches=args.max_batches)}
+    with logs.to_file(run_dir / logs.RUN_LOG):
+        result = {"run_dir": os.fspath(run_dir), "split": split,
+                  **runs.evaluate_run(cfg, run_dir, split, max_batches=args.max_batches)}
     out = Path(args.out) if args.out else run_dir / runs.EVAL_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
@@ -166,9 +167,10 @@ def _metrics_table(terms: Mapping[str, float], metrics: Mapping[str, Any]) -> st
 
 def cmd_predict(args) -> None:
     cfg, run_dir = _config_and_run_dir(args.run_dir, args.set, None)
-    from jaxdistill import runs
+    from jaxdistill import logs, runs
 
-    rows = runs.predict_run(cfg, run_dir, data=args.data, split=args.split)
+    with logs.to_file(run_dir / logs.RUN_LOG):
+        rows = runs.predict_run(cfg, run_dir, data=args.data, split=args.split)
     out = runs.write_rows(rows, args.out)
     _print_json({"run_dir": run_dir, "rows": len(rows), "out": out})
 
@@ -183,12 +185,13 @@ def cmd_report(args) -> None:
 
 
 def cmd_cache_teacher(args) -> None:
-    from jaxdistill import cache
+    from jaxdistill import cache, logs
 
     cfg = _load_config(args.config, args.set, allow_pickle=args.allow_pickle)
     outputs = args.outputs.split(",") if args.outputs else None
-    report = cache.cache_teacher(cfg, args.teacher, args.out, outputs=outputs,
-                                 overwrite=args.overwrite)
+    with logs.to_file(logs.beside(args.out), capture_output=True):
+        report = cache.cache_teacher(cfg, args.teacher, args.out, outputs=outputs,
+                                     overwrite=args.overwrite)
     _print_json(report)
 
 
@@ -196,11 +199,12 @@ def cmd_export(args) -> None:
     run_dir = _existing_dir(args.run_dir, "run")
     checkpoint = _module("jaxdistill.checkpoint", "checkpoints (jaxdistill.checkpoint)")
     hf = _module("jaxdistill.models.hf", "HF export (jaxdistill.models.hf)")
+    from jaxdistill import logs
     from jaxdistill.config import load_config
 
     cfg = load_config(run_dir / "config.yaml")
-    model_cfg, params = checkpoint.load_params(run_dir)
-    with tempfile.TemporaryDirectory() as tmp:
+    with logs.to_file(run_dir / logs.RUN_LOG), tempfile.TemporaryDirectory() as tmp:
+        model_cfg, params = checkpoint.load_params(run_dir)
         tokenizer_dir = _tokenizer_dir(cfg.data.tokenizer, tmp)
         out = hf.export_hf(model_cfg, params, args.out, tokenizer_dir=tokenizer_dir,
                            dtype=args.dtype)
@@ -237,10 +241,13 @@ def cmd_data_prepare(args) -> None:
             raise UserError("with one INPUT, give one --split NAME, or --split-fractions "
                             "(which names the splits train, validation, test)")
         inputs, split = args.input, (args.split or ["train"])[0]
-    report = prepare(inputs, args.kind, args.out, split=split,
-                     split_fractions=args.split_fractions, seed=args.seed,
-                     skip_malformed=args.skip_malformed, overwrite=args.overwrite,
-                     tokenizers=args.tokenizer, max_len=args.max_len)
+    from jaxdistill import logs
+
+    with logs.to_file(logs.beside(args.out), capture_output=True):
+        report = prepare(inputs, args.kind, args.out, split=split,
+                         split_fractions=args.split_fractions, seed=args.seed,
+                         skip_malformed=args.skip_malformed, overwrite=args.overwrite,
+                         tokenizers=args.tokenizer, max_len=args.max_len)
     _print_json(report.to_json())
 
 
@@ -590,8 +597,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Callable = args.handler
     _RESULT_STREAM[0] = sys.stdout
+    from jaxdistill import logs
+
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with logs.console(), contextlib.redirect_stdout(sys.stderr):
             handler(args)
     except _user_error_types() as error:
         if args.debug:

@@ -162,6 +162,9 @@ def test_new_user_flow(tmp_path, capsys):
     assert code == 0, err
     evaluated = json.loads((student / "eval.json").read_text())
     assert evaluated["records"] == 20
+    # Checkpoint loads' absl/orbax notices go to the run's log file, not the console.
+    assert err == "", err
+    assert "read_only=True" in (student / "log.txt").read_text()
     metric_names = [f"{head}/{m}" for head in ("spam", "topic")
                     for m in ("accuracy", "macro_f1")] + [
         "spam/auroc", "topic/auroc_macro", "agreement/spam_kd/argmax_agreement",
@@ -184,6 +187,12 @@ def test_new_user_flow(tmp_path, capsys):
         r["id"] for r in splits["test"]]
     for a, b in zip(rows, table, strict=True):
         np.testing.assert_allclose(a["spam/probabilities"], b["spam/probabilities"], rtol=1e-6)
+    from_file = tmp_path / "from_file.jsonl"  # the same records, read from the user's file
+    code, out, err = run(capsys, "predict", student, "--data", files["test"], "--out", from_file)
+    assert code == 0, err
+    for a, b in zip(rows, map(json.loads, from_file.read_text().splitlines()), strict=True):
+        assert a["id"] == b["id"]
+        np.testing.assert_allclose(a["topic/logits"], b["topic/logits"], rtol=1e-5, atol=1e-6)
     labels = {head: np.array([r["labels"][head] for r in splits["test"]])
               for head in ("spam", "topic")}
     for head in ("spam", "topic"):
@@ -307,3 +316,19 @@ def test_allow_pickle_flag_trusts_the_model_and_every_teacher():
     assert not cfg.model.allow_pickle and not any(t.allow_pickle for t in cfg.teachers.values())
     args = cli.build_parser().parse_args(["distill", str(student), "--allow-pickle"])
     assert args.allow_pickle
+
+
+def test_data_prepare_prints_only_its_result(tmp_path, capfd):
+    """tfds' "Downloading and preparing dataset" and its progress bars go to OUT.log; the
+    console (file descriptors 1 and 2) shows the result JSON alone."""
+    files = {name: write_jsonl(tmp_path / f"{name}.jsonl", mail_records(n, seed))
+             for name, n, seed in (("train", 12, 0), ("validation", 4, 1))}
+    out = tmp_path / "mail"
+    code = cli.main(["data", "prepare", "--kind", "text", "--out", str(out),
+                     *[a for name, f in files.items() for a in ("--split", f"{name}={f}")]])
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    assert captured.err == ""
+    assert json.loads(captured.out)["splits"]["validation"]["written"] == 4
+    log = (tmp_path / "mail.log").read_text()
+    assert "Generating train examples" in log and "prepared" in log
