@@ -3,13 +3,14 @@
 absl, orbax, tfds, grain and jax log through Python's `logging` (orbax's "read only" notices,
 tfds' "Downloading and preparing dataset Unknown size"), and tfds prints its own progress bars.
 On the console a user wants the command's progress and result, and the warnings of jaxdistill
-itself. `console()` (installed once by `cli.main`) shows on stderr only records of the
+itself (its loggers' records and the Python warnings raised in its code). `console()` (installed once by `cli.main`) shows on stderr only records of the
 `jaxdistill` loggers at WARNING and above, and anyone's ERROR and above; every record at INFO
 and above goes to the log file of the moment, opened by `to_file(path)`: `RUN_DIR/log.txt` for
 a run (train.run opens it; eval, predict and export append to it) and `OUT.log` beside the
 output of `data prepare` and `cache-teacher`. `to_file(..., capture_output=True)` also sends
 what libraries print to stdout/stderr there (tfds' bars); the command's result is written to
-the real stdout by the CLI, so it still shows. Python warnings are logged (`py.warnings`).
+the real stdout by the CLI, so it still shows. Python warnings are logged: ours show, a
+library's go to the file (`py.warnings`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,12 +28,27 @@ RUN_LOG = "log.txt"  # in a run directory
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 class _ConsoleFilter(logging.Filter):
     """Our warnings, and anyone's errors."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         ours = record.name == OURS or record.name.startswith(OURS + ".")
         return record.levelno >= (logging.WARNING if ours else logging.ERROR)
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings as log records: ours (a category of ours, or raised in our code) under
+    `jaxdistill.warnings`, so they show; a library's under `py.warnings`, for the file."""
+    ours = category.__module__.split(".")[0] == OURS or os.path.abspath(filename).startswith(
+        PACKAGE_DIR + os.sep)
+    text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+    if ours:
+        logging.getLogger(f"{OURS}.warnings").warning("%s", f"{category.__name__}: {message}")
+    else:
+        logging.getLogger("py.warnings").warning("%s", text)
 
 
 @contextlib.contextmanager
@@ -48,11 +65,11 @@ def console(stream=None) -> Iterator[logging.Handler]:
         root.removeHandler(absl_handler)  # absl's handler would print everything to stderr
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    logging.captureWarnings(True)
+    saved_showwarning, warnings.showwarning = warnings.showwarning, _log_warning
     try:
         yield handler
     finally:
-        logging.captureWarnings(False)
+        warnings.showwarning = saved_showwarning
         root.removeHandler(handler)
         root.setLevel(saved_level)
         for h in saved_handlers:

@@ -332,3 +332,22 @@ def test_data_prepare_prints_only_its_result(tmp_path, capfd):
     assert json.loads(captured.out)["splits"]["validation"]["written"] == 4
     log = (tmp_path / "mail.log").read_text()
     assert "Generating train examples" in log and "prepared" in log
+
+
+def test_console_shows_our_warnings_only(tmp_path, capsys):
+    import logging
+    import warnings
+
+    from jaxdistill import evaluate, logs
+
+    with logs.console(), logs.to_file(tmp_path / "log.txt"):
+        logging.getLogger("absl").warning("orbax notice")
+        logging.getLogger("jaxdistill.train").warning("ours")
+        logging.getLogger("jaxdistill.train").info("ours, for the file")
+        warnings.warn("a library's warning", UserWarning, stacklevel=1)
+        evaluate.auroc([0.1, 0.2], [1, 1])  # our UndefinedMetricWarning
+    err = capsys.readouterr().err
+    assert "WARNING: ours" in err and "UndefinedMetricWarning: AUROC undefined" in err, err
+    assert "orbax notice" not in err and "a library's warning" not in err and "file" not in err
+    log = (tmp_path / "log.txt").read_text()
+    assert all(text in log for text in ("orbax notice", "ours, for the file", "library's"))
