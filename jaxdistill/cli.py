@@ -88,6 +88,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _run_log(run_dir: Path):
+    """Library logging into RUN_DIR/log.txt (not when the run does not exist: no directory is
+    made for a command that is about to say so)."""
+    from jaxdistill import logs
+
+    return logs.to_file(run_dir / logs.RUN_LOG) if run_dir.is_dir() else contextlib.nullcontext()
+
+
 def _run_dir(cfg, run_dir: str | None) -> Path:
     return Path(run_dir) if run_dir else Path(RUNS_DIR) / cfg.name
 
@@ -143,9 +151,9 @@ def cmd_eval(args) -> None:
     if args.max_batches is not None and args.max_batches < 1:
         raise UserError(f"--max-batches must be a positive number of batches, found "
                         f"{args.max_batches}")
-    from jaxdistill import logs, runs
+    from jaxdistill import runs
 
-    with logs.to_file(run_dir / logs.RUN_LOG):
+    with _run_log(run_dir):
         result = {"run_dir": os.fspath(run_dir), "split": split,
                   **runs.evaluate_run(cfg, run_dir, split, max_batches=args.max_batches)}
     out = Path(args.out) if args.out else run_dir / runs.EVAL_FILE
@@ -167,9 +175,9 @@ def _metrics_table(terms: Mapping[str, float], metrics: Mapping[str, Any]) -> st
 
 def cmd_predict(args) -> None:
     cfg, run_dir = _config_and_run_dir(args.run_dir, args.set, None)
-    from jaxdistill import logs, runs
+    from jaxdistill import runs
 
-    with logs.to_file(run_dir / logs.RUN_LOG):
+    with _run_log(run_dir):
         rows = runs.predict_run(cfg, run_dir, data=args.data, split=args.split)
     out = runs.write_rows(rows, args.out)
     _print_json({"run_dir": run_dir, "rows": len(rows), "out": out})
@@ -199,11 +207,10 @@ def cmd_export(args) -> None:
     run_dir = _existing_dir(args.run_dir, "run")
     checkpoint = _module("jaxdistill.checkpoint", "checkpoints (jaxdistill.checkpoint)")
     hf = _module("jaxdistill.models.hf", "HF export (jaxdistill.models.hf)")
-    from jaxdistill import logs
     from jaxdistill.config import load_config
 
     cfg = load_config(run_dir / "config.yaml")
-    with logs.to_file(run_dir / logs.RUN_LOG), tempfile.TemporaryDirectory() as tmp:
+    with _run_log(run_dir), tempfile.TemporaryDirectory() as tmp:
         model_cfg, params = checkpoint.load_params(run_dir)
         tokenizer_dir = _tokenizer_dir(cfg.data.tokenizer, tmp)
         out = hf.export_hf(model_cfg, params, args.out, tokenizer_dir=tokenizer_dir,
