@@ -32,10 +32,24 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _load_config(path: str, overrides: Sequence[str]):
+def _load_config(path: str, overrides: Sequence[str], *, allow_pickle: bool = False):
+    """The experiment; `allow_pickle` (--allow-pickle) sets `allow_pickle: true` on the model
+    and on every teacher, so pickle weight files of hf: sources load."""
     from jaxdistill.config import load_config
 
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    if not allow_pickle:
+        return cfg
+    trusted = ["model.allow_pickle=true",
+               *(f"teachers.{name}.allow_pickle=true" for name in cfg.teachers)]
+    return load_config(path, [*overrides, *trusted])
+
+
+def _add_allow_pickle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load pickle weight files (pytorch_model.bin) of hf: sources; "
+                             "unpickling can run code, so only for checkpoints you trust "
+                             "(= model.allow_pickle and teachers.NAME.allow_pickle)")
 
 
 def _module(name: str, what: str):
@@ -74,6 +88,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _run_log(run_dir: Path):
+    """Library logging into RUN_DIR/log.txt (not when the run does not exist: no directory is
+    made for a command that is about to say so)."""
+    from jaxdistill import logs
+
+    return logs.to_file(run_dir / logs.RUN_LOG) if run_dir.is_dir() else contextlib.nullcontext()
+
+
 def _run_dir(cfg, run_dir: str | None) -> Path:
     return Path(run_dir) if run_dir else Path(RUNS_DIR) / cfg.name
 
@@ -102,7 +124,7 @@ def _config_and_run_dir(target: str, overrides: Sequence[str], run_dir: str | No
 
 def cmd_train(args) -> None:
     """`train` (no teachers) and `distill` (at least one teacher): one engine, train.run."""
-    cfg = _load_config(args.config, args.set)
+    cfg = _load_config(args.config, args.set, allow_pickle=args.allow_pickle)
     if args.command == "train" and cfg.teachers:
         raise UserError(
             f"{args.config}: `train` fits one model on labels, but the config names teachers "
@@ -131,8 +153,9 @@ def cmd_eval(args) -> None:
                         f"{args.max_batches}")
     from jaxdistill import runs
 
-    result = {"run_dir": os.fspath(run_dir), "split": split,
-              **runs.evaluate_run(cfg, run_dir, split, max_batches=args.max_batches)}
+    with _run_log(run_dir):
+        result = {"run_dir": os.fspath(run_dir), "split": split,
+                  **runs.evaluate_run(cfg, run_dir, split, max_batches=args.max_batches)}
     out = Path(args.out) if args.out else run_dir / runs.EVAL_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
@@ -154,7 +177,8 @@ def cmd_predict(args) -> None:
     cfg, run_dir = _config_and_run_dir(args.run_dir, args.set, None)
     from jaxdistill import runs
 
-    rows = runs.predict_run(cfg, run_dir, data=args.data, split=args.split)
+    with _run_log(run_dir):
+        rows = runs.predict_run(cfg, run_dir, data=args.data, split=args.split)
     out = runs.write_rows(rows, args.out)
     _print_json({"run_dir": run_dir, "rows": len(rows), "out": out})
 
@@ -169,12 +193,13 @@ def cmd_report(args) -> None:
 
 
 def cmd_cache_teacher(args) -> None:
-    from jaxdistill import cache
+    from jaxdistill import cache, logs
 
-    cfg = _load_config(args.config, args.set)
+    cfg = _load_config(args.config, args.set, allow_pickle=args.allow_pickle)
     outputs = args.outputs.split(",") if args.outputs else None
-    report = cache.cache_teacher(cfg, args.teacher, args.out, outputs=outputs,
-                                 overwrite=args.overwrite)
+    with logs.to_file(logs.beside(args.out), capture_output=True):
+        report = cache.cache_teacher(cfg, args.teacher, args.out, outputs=outputs,
+                                     overwrite=args.overwrite)
     _print_json(report)
 
 
@@ -185,10 +210,10 @@ def cmd_export(args) -> None:
     from jaxdistill.config import load_config
 
     cfg = load_config(run_dir / "config.yaml")
-    model_cfg, params = checkpoint.load_params(run_dir)
     # A model fine-tuned from an HF checkpoint keeps that checkpoint's config fields.
     source = cfg.model.init if cfg.model.init.kind == "hf" else None
-    with tempfile.TemporaryDirectory() as tmp:
+    with _run_log(run_dir), tempfile.TemporaryDirectory() as tmp:
+        model_cfg, params = checkpoint.load_params(run_dir)
         tokenizer_dir = _tokenizer_dir(cfg.data.tokenizer, tmp)
         out = hf.export_hf(model_cfg, params, args.out, tokenizer_dir=tokenizer_dir,
                            dtype=args.dtype, source_dir=source.path if source else None)
@@ -225,10 +250,13 @@ def cmd_data_prepare(args) -> None:
             raise UserError("with one INPUT, give one --split NAME, or --split-fractions "
                             "(which names the splits train, validation, test)")
         inputs, split = args.input, (args.split or ["train"])[0]
-    report = prepare(inputs, args.kind, args.out, split=split,
-                     split_fractions=args.split_fractions, seed=args.seed,
-                     skip_malformed=args.skip_malformed, overwrite=args.overwrite,
-                     tokenizers=args.tokenizer, max_len=args.max_len)
+    from jaxdistill import logs
+
+    with logs.to_file(logs.beside(args.out), capture_output=True):
+        report = prepare(inputs, args.kind, args.out, split=split,
+                         split_fractions=args.split_fractions, seed=args.seed,
+                         skip_malformed=args.skip_malformed, overwrite=args.overwrite,
+                         tokenizers=args.tokenizer, max_len=args.max_len)
     _print_json(report.to_json())
 
 
@@ -317,12 +345,14 @@ def cmd_pipeline(args) -> None:
 # ----------------------------------------------------------------------------- parser
 
 _EPILOGS = {
-    "main": """examples:
-  jaxdistill data prepare logs.jsonl --kind listwise --out data/job_search
+    "main": """examples: (data: `python scripts/make_example_data.py`, then `data prepare`)
+  jaxdistill data prepare --kind listwise --out data/examples/job_search \\
+      --split train=data/examples/train.jsonl --split validation=data/examples/validation.jsonl
   jaxdistill train configs/examples/relevance_teacher.yaml
-  jaxdistill distill configs/examples/student.yaml --set trainer.steps=2000
+  jaxdistill train configs/examples/engagement_teacher.yaml
+  jaxdistill distill configs/examples/student.yaml --set trainer.steps=200
   jaxdistill eval runs/student
-  jaxdistill predict runs/student --data new_records.jsonl --out scores.jsonl
+  jaxdistill predict runs/student --data data/examples/new_records.jsonl --out scores.jsonl
   jaxdistill report runs/student
   jaxdistill export runs/student --out exports/student
 
@@ -332,60 +362,69 @@ Run `jaxdistill COMMAND --help` for each command's options.""",
   jaxdistill train configs/examples/engagement_teacher.yaml --set trainer.steps=500 \\
       --run-dir runs/engagement_v2
 
-The run directory (default runs/<name>) receives config.yaml, run.json, metrics.jsonl and
-checkpoints/. An existing run resumes from its latest checkpoint unless --no-resume.""",
+The run directory (default runs/<name>) receives config.yaml, run.json, metrics.jsonl, log.txt
+(library logging) and checkpoints/. An existing run resumes from its latest checkpoint unless
+--no-resume.""",
     "distill": """examples:
   jaxdistill distill configs/examples/student.yaml
   jaxdistill distill configs/examples/student.yaml --set objective.0.weight=0.5
 
-Each teacher's term is logged under loss/<term name> in metrics.jsonl. A resumed run refuses
-teachers that changed since its checkpoint unless --force-teachers.""",
+Each teacher's term is logged under loss/<term name> in metrics.jsonl. Each teacher reads its
+own tokenizer's ids (a run records its tokenizer; an hf: directory holds one). A resumed run
+refuses teachers that changed since its checkpoint unless --force-teachers.""",
     "eval": """examples:
   jaxdistill eval runs/student
-  jaxdistill eval configs/examples/student.yaml --split test --out student_test.json
+  jaxdistill eval configs/examples/student.yaml --split validation --out student_validation.json
 
 Prints (and writes to RUN_DIR/eval.json unless --out) the mean of every objective term over
-the split and each head's metrics by its type: classifier accuracy, macro-F1, log loss, AUROC,
-ECE; actions AUROC, average precision, ECE; ranking NDCG@10, poor-match@10; agreement of every
-distilled head with its teacher.""",
+the split's full batches and each head's metrics by its type, over every record: classifier
+accuracy, macro-F1, log loss, AUROC, ECE; actions AUROC, average precision, ECE; ranking
+NDCG@10, poor-match@10; agreement of every distilled head with its teacher.""",
     "predict": """examples:
-  jaxdistill predict runs/student --data new_records.jsonl --out scores.jsonl
-  jaxdistill predict runs/student --data data/job_search --split test --out scores.parquet
+  jaxdistill predict runs/student --data data/examples/new_records.jsonl --out scores.jsonl
+  jaxdistill predict runs/student --data data/examples/job_search --split validation \\
+      --out scores.parquet
 
 One row per record (per candidate for listwise data) with the record's id, each head's raw
 outputs and probabilities, calibrated where the run has calibration.json.""",
     "report": """examples:
   jaxdistill report runs/student
-  jaxdistill report runs/student runs/student_relevance_only --out reports/students
+  jaxdistill report runs/student runs/relevance_teacher --out reports/student
 
 Writes report.md with PNG plots beside it: loss per objective term and eval metrics over
 steps, reliability diagrams of calibrated heads, confusion matrices of classifiers, and a
 side-by-side table when several runs are given.""",
     "cache-teacher": """examples:
   jaxdistill cache-teacher configs/examples/student.yaml --teacher relevance \\
-      --out data/job_search_relevance
+      --out data/examples/job_search_relevance
 
-Then use it: teachers.relevance.source: offline:data/job_search_relevance and
-data.path: data/job_search_relevance (outputs travel with the records). Cache a second
-teacher by running cache-teacher again on a config whose data.path is the first cache.""",
+Then use it: teachers.relevance.source: offline:data/examples/job_search_relevance and
+data.path: data/examples/job_search_relevance (outputs travel with the records). Cache a
+second teacher by running cache-teacher again on a config whose data.path is the first cache.""",
     "export": """examples:
   jaxdistill export runs/student --out exports/student
   python -c "import transformers; transformers.AutoModel.from_pretrained('exports/student')"
 
 Task heads travel in jaxdistill_heads.json / jaxdistill_heads.safetensors beside the HF files.""",
-    "data": """examples:
-  jaxdistill data prepare logs.jsonl --kind listwise --out data/job_search
-  jaxdistill data prepare val.parquet --kind listwise --out data/job_search --split validation
-  jaxdistill data prepare --kind text --out data/mail --split train=train.csv \\
-      --split validation=val.jsonl
-  jaxdistill data prepare all.jsonl --kind text --out data/mail --split-fractions 0.8,0.1,0.1""",
+    "data": """examples: (the input files: `python scripts/make_example_data.py`)
+  jaxdistill data prepare --kind listwise --out data/examples/job_search \\
+      --split train=data/examples/train.jsonl --split validation=data/examples/validation.jsonl
+  jaxdistill data prepare data/examples/mail.jsonl --kind text --out data/examples/mail \\
+      --split-fractions 0.8,0.1,0.1
+  jaxdistill data prepare data/examples/mail.jsonl --kind text --out data/examples/mail_ids \\
+      --split-fractions 0.8,0.1,0.1 --tokenizer builtin:wordpiece --max-len 32
+
+Progress and library logging go to OUT.log (a file beside --out); the console shows the result.""",
     "inspect": """examples:
   jaxdistill inspect config configs/examples/student.yaml --set trainer.steps=10
   jaxdistill inspect checkpoint runs/student
-  jaxdistill inspect data data/job_search
+  jaxdistill inspect data data/examples/job_search
   jaxdistill inspect hf exports/student""",
     "pipeline": """examples:
-  jaxdistill pipeline configs/job_search/pipeline.yaml --preset small""",
+  jaxdistill pipeline configs/job_search/pipeline.yaml --preset laptop
+  jaxdistill pipeline configs/job_search/pipeline.yaml --preset full --workdir runs/full
+
+Presets: laptop (CPU, about 9 minutes) and full (realistic sizes, for a GPU or TPU).""",
 }
 
 
@@ -436,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start afresh even if the run directory has checkpoints")
         p.add_argument("--force-teachers", action="store_true",
                        help="resume even though the teachers differ from the checkpoint's")
+        _add_allow_pickle(p)
         p.set_defaults(handler=cmd_train)
 
     p = command("eval", "evaluate a run on a split",
@@ -480,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", help="comma-separated teacher outputs to keep (default: every "
                                      "head but lm; 'pooled' for the pooled hidden state)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_allow_pickle(p)
     p.set_defaults(handler=cmd_cache_teacher)
 
     p = command("export", "export a run's model (HF transformers format)",
@@ -605,8 +646,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Callable = args.handler
     _RESULT_STREAM[0] = sys.stdout
+    from jaxdistill import logs
+
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with logs.console(), contextlib.redirect_stdout(sys.stderr):
             handler(args)
     except _user_error_types() as error:
         if args.debug:

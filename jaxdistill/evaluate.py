@@ -303,7 +303,9 @@ def classification_metrics(probs_NxC: Any, labels_N: Any, mask_N: Any = None,
 
     from jaxdistill.calibration import expected_calibration_error, reliability_curve
 
-    probs = _selected(probs_NxC, mask_N, 2).astype(np.float64)
+    probs = np.clip(_selected(probs_NxC, mask_N, 2).astype(np.float64), 1e-12, 1.0)
+    # float32 softmax rows sum to 1 only within ~1e-7, which sklearn's log_loss warns about.
+    probs /= probs.sum(-1, keepdims=True)
     labels = _selected(labels_N, mask_N, 1).astype(np.int64)
     classes = probs.shape[-1]
     if len(labels) == 0:
@@ -317,8 +319,7 @@ def classification_metrics(probs_NxC: Any, labels_N: Any, mask_N: Any = None,
         "accuracy": float(skm.accuracy_score(labels, predicted)),
         "macro_f1": float(skm.f1_score(labels, predicted, average="macro",
                                        labels=list(range(classes)), zero_division=0)),
-        "log_loss": float(skm.log_loss(labels, np.clip(probs, 1e-12, 1.0),
-                                       labels=list(range(classes)))),
+        "log_loss": float(skm.log_loss(labels, probs, labels=list(range(classes)))),
         "ece": expected_calibration_error(probs.max(-1), (predicted == labels).astype(np.float64),
                                           bins),
         "confusion_matrix": skm.confusion_matrix(labels, predicted,

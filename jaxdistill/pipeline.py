@@ -140,7 +140,10 @@ def prepare_data(cfg: PipelineConfig, preset: PresetSpec, workdir: Path, policy_
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    write_dataset(dict(splits), "listwise", out / "records")
+    from jaxdistill import logs
+
+    with logs.to_file(out / "log.txt", capture_output=True):  # tfds' prints and bars
+        write_dataset(dict(splits), "listwise", out / "records")
     texts = [r["query"] + "\n" + r["member"] for r in splits["train"]]
     texts += [c["document"] for r in splits["train"] for c in r["candidates"]]
     build_tokenizer(texts, cfg.tokenizer_vocab_size, out / "tokenizer")

@@ -270,7 +270,7 @@ def predict_run(cfg: config_lib.Experiment, run_dir: str | os.PathLike, *,
     path = Path(data) if data is not None else Path(cfg.data.path)
     if path.is_file():
         records = []
-        for i, record in enumerate(read_records(path)):
+        for i, record in read_records(path):
             validate_record(cfg.data.kind, record, source=str(path), index=i)
             records.append(record)
         if not records:

@@ -33,7 +33,7 @@ import jax
 
 from jaxdistill import config as config_lib
 from jaxdistill import evaluator as evaluator_lib
-from jaxdistill import loader, parallel, runs
+from jaxdistill import loader, logs, parallel, runs
 from jaxdistill.checkpoint import CHECKPOINT_SUBDIR, CONFIG_FILE, Checkpointer
 from jaxdistill.data.pipeline import iterator_state, restore_iterator
 from jaxdistill.distill.step import abstract_state, compile_step, init_sharded_state
@@ -84,6 +84,14 @@ def run(cfg: config_lib.Experiment, run_dir: str | Path, *, resume: bool = True,
     """Trains `cfg` in `run_dir` until `trainer.steps`, or until SIGTERM / preemption; then
     writes `eval.json` and `report.md` (with `report`)."""
     run_dir = Path(run_dir).absolute()
+    log_file = logs.RUN_LOG if jax.process_index() == 0 else f"log.{jax.process_index()}.txt"
+    with logs.to_file(run_dir / log_file):
+        return _logged_run(cfg, run_dir, resume=resume, force_teachers=force_teachers,
+                           report=report)
+
+
+def _logged_run(cfg: config_lib.Experiment, run_dir: Path, *, resume: bool,
+                force_teachers: bool, report: bool) -> RunResult:
     s = runs.setup(cfg)
     s.check_labels()
     checkpointer = Checkpointer.from_config(run_dir / CHECKPOINT_SUBDIR, cfg.checkpoint,
