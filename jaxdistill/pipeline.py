@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from jaxdistill import config as config_lib
 from jaxdistill import judge as judge_lib
 
-DATA_FORMAT_VERSION = 2  # bump when the workload's records change shape
+DATA_FORMAT_VERSION = 3  # bump when the workload's records change shape
 EVALUATION_VERSION = 3  # bump when evaluation changes what it measures
 EVAL_SPLITS = ("validation", "test", "golden")
 JUDGE = "judge"  # the judge's stage name
