@@ -101,7 +101,8 @@ def load_pipeline(path: str | Path) -> tuple[PipelineConfig, Path]:
             raise config_lib.ConfigError(config_lib.format_errors(err, data, str(path))) from None
         raise
     for name, stage in cfg.stages.items():
-        unknown = [s for s in [*stage.teachers.values(), stage.warm_start] if s and s not in cfg.stages]
+        unknown = [s for s in [*stage.teachers.values(), stage.warm_start]
+                   if s and s not in cfg.stages and s != JUDGE]
         if unknown:
             raise config_lib.ConfigError(f"{path}: stages.{name} depends on unknown stages {unknown}")
     if cfg.main_student not in cfg.stages:
@@ -203,8 +204,12 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
         raw.setdefault("teachers", {}).setdefault(teacher, {})
         raw["teachers"][teacher]["source"] = f"run:{where(upstream[source_stage])}"
         raw["teachers"][teacher]["dtype"] = preset.teacher_dtype
-    if stage.warm_start:
+    # `warm_start: judge` starts from the fine-tuned judge's weights (its dimension heads
+    # included); with `judge: oracle` there is no judge model and the stage starts from scratch.
+    if stage.warm_start and stage.warm_start in upstream:
         raw["model"]["warm_start"] = f"run:{where(upstream[stage.warm_start])}"
+    elif stage.warm_start and stage.warm_start != JUDGE:
+        raise config_lib.ConfigError(f"stage {name}: warm_start {stage.warm_start!r} has not run")
     return config_lib.validate(raw, source=str(base_dir / stage.config))
 
 
@@ -765,10 +770,12 @@ def run(path: str | Path, preset_name: str = "laptop", workdir: str | Path | Non
     data = prepare_data(cfg, preset, workdir, policy_path, policy.content_hash)
     _say(f"data: {'cached' if data.cached else f'{data.seconds:.0f}s'} ({data.path})")
     labelled = run_judge(cfg, base_dir, workdir, preset, data, policy_path, policy.content_hash)
+    stages: dict[str, StageOutput] = {}
     if labelled is not data:
         _say(f"judge: {'cached' if labelled.cached else f'{labelled.seconds:.0f}s'} "
              f"({labelled.path})")
-    stages: dict[str, StageOutput] = {}
+        # Stages may warm-start from the judge's run (the labelled data lives inside it).
+        stages[JUDGE] = dataclasses.replace(labelled, path=labelled.path.parent)
     experiments = {}
     for name in cfg.stages:
         stages[name] = run_stage(cfg, name, base_dir, workdir, preset, labelled, policy_path,
@@ -776,6 +783,7 @@ def run(path: str | Path, preset_name: str = "laptop", workdir: str | Path | Non
         experiments[name] = stages[name].experiment
         _say(f"{name}: {'cached' if stages[name].cached else f'{stages[name].seconds:.0f}s'} "
              f"({stages[name].path})")
+    stages.pop(JUDGE, None)  # evaluated through what it labelled, not as a ranker
 
     eval_key = digest({"stages": {n: s.key for n, s in stages.items()},
                        "version": EVALUATION_VERSION,

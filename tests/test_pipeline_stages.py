@@ -129,3 +129,23 @@ def test_unknown_preset_and_stage_errors_name_the_file(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(Exception, match=r"pipeline.yaml: stages.student depends on unknown"):
         pipeline.load_pipeline(path)
+
+
+def test_teachers_warm_start_from_the_judge_unless_the_oracle_labels(tmp_path):
+    path = tiny_pipeline(tmp_path)
+    cfg, base_dir = pipeline.load_pipeline(path)
+    preset = cfg.presets["tiny"]
+    policy_path = Path(cfg.policy).resolve()
+    policy_hash = judge_lib.load_policy(policy_path).content_hash
+    data = pipeline.prepare_data(cfg, preset, tmp_path / "runs", policy_path, policy_hash)
+    judge_run = pipeline.StageOutput("judge", "judgekey", tmp_path / "judge_run", False, 0.0)
+
+    def experiment(upstream, for_key=False):
+        return pipeline.stage_experiment(cfg, "relevance_teacher", base_dir, preset, data,
+                                         policy_path, upstream, for_key=for_key)
+
+    assert experiment({"judge": judge_run}).model.warm_start == f"run:{judge_run.path}"
+    assert experiment({"judge": judge_run}, for_key=True).model.warm_start == "run:judgekey"
+    # Its per-dimension labels are an offline teacher reading the stage's own records.
+    assert experiment({}).teachers["judge"].source == f"offline:{data.path / 'records'}"
+    assert experiment({}).model.warm_start is None  # judge: oracle, no judge model
