@@ -33,9 +33,10 @@ DATA_FORMAT_VERSION = 3  # bump when the workload's records change shape
 EVALUATION_VERSION = 3  # bump when evaluation changes what it measures
 EVAL_SPLITS = ("validation", "test", "golden")
 JUDGE = "judge"  # the judge's stage name
-# What a judge model relabels: the pairs teachers train and validate on. Test and golden keep
-# the simulation's ground truth, which evaluation measures against.
-JUDGE_LABELLED_SPLITS = ("train", "validation")
+# What a judge model relabels: the pairs teachers train on. Validation, test and golden keep
+# the simulation's ground truth: evaluation fits grade thresholds and calibrates on validation
+# and measures on test, so a judge's bias there would be calibrated in and then scored.
+JUDGE_LABELLED_SPLITS = ("train",)
 
 
 class _Strict(BaseModel):
