@@ -459,3 +459,61 @@ def summarize(scores_QxN: Any, grades_QxN: Any, mask_QxN: Any = None, *, k: int 
     if items_per_second is not None:
         summary["items_per_second"] = float(items_per_second)
     return summary
+
+
+# --- Baselines and a readable combined score ----------------------------------------------
+
+def position_rates(positions: Any, labels: Any, mask: Any = None, *, smoothing: float = 1.0
+                   ) -> np.ndarray:
+    """Empirical rate of a binary label per logged position, [P] (P = max position + 1).
+
+    A position-only baseline: fitted on train, `rates[position]` scores any split. Each rate is
+    smoothed towards the overall rate by `smoothing` pseudo-observations, so a position seen
+    rarely does not get a rate of exactly 0 or 1.
+    """
+    position_N = np.asarray(positions, dtype=np.int64).reshape(-1)
+    label_N = np.asarray(labels, dtype=np.float64).reshape(-1)
+    valid_N = (np.ones_like(label_N, bool) if mask is None
+               else np.asarray(mask, dtype=bool).reshape(-1))
+    if position_N.shape != label_N.shape or valid_N.shape != label_N.shape:
+        raise ValueError(f"positions, labels and mask must have one shape; found "
+                         f"{np.shape(positions)}, {np.shape(labels)}, {np.shape(mask)}")
+    if not valid_N.any() or position_N[valid_N].min() < 0:
+        raise ValueError("position_rates needs valid rows with positions >= 0")
+    position_N, label_N = position_N[valid_N], label_N[valid_N]
+    overall = label_N.mean()
+    hits_P = np.bincount(position_N, weights=label_N)
+    seen_P = np.bincount(position_N).astype(np.float64)
+    return (hits_P + smoothing * overall) / (seen_P + smoothing)
+
+
+def score_by_position(rates_P: np.ndarray, positions: Any) -> np.ndarray:
+    """The position-only baseline's scores: positions beyond the fitted ones get the last rate."""
+    return np.asarray(rates_P)[np.clip(np.asarray(positions, dtype=np.int64), 0, len(rates_P) - 1)]
+
+
+def relative_score(values: Mapping[str, float], references: Mapping[str, float]) -> float:
+    """Mean over metrics of value / reference (each higher-is-better): 1.0 = matches the
+    references on average. A metric a model lacks (NaN or missing) counts as 0, so a model
+    without one of the heads cannot lead on it."""
+    if not references:
+        raise ValueError("relative_score needs at least one reference metric")
+    ratios = []
+    for name, reference in references.items():
+        value = values.get(name, float("nan"))
+        if not reference > 0:
+            raise ValueError(f"reference {name!r} must be > 0, found {reference}")
+        ratios.append(0.0 if value is None or not np.isfinite(value) else value / reference)
+    return float(np.mean(ratios))
+
+
+def forward_flops_per_item(non_embedding_params: int, layers: int, attention_width: int,
+                           tokens: int) -> float:
+    """Forward FLOPs to score one item of `tokens` tokens: 2·N·T for the weight matmuls
+    (N = non-embedding parameters: an embedding lookup is not a matmul, and a ranking head
+    reads a handful of output rows) plus 2·2·L·T²·A for attention scores and values (A =
+    heads × head_dim), causal masking not subtracted. What the items/s ratio should follow
+    once per-call overhead is amortised."""
+    if min(non_embedding_params, layers, attention_width, tokens) < 0:
+        raise ValueError("forward_flops_per_item needs non-negative sizes")
+    return float(2 * non_embedding_params * tokens + 4 * layers * tokens ** 2 * attention_width)

@@ -327,6 +327,12 @@ class RuleOracleJudge:
     def grade_distribution(self, pairs: Pairs) -> np.ndarray:
         return _smoothed(self.grade_centres(pairs), self.policy.rules.soft_labels.temperature)
 
+    def dimension_distribution(self, pairs: Pairs) -> dict[str, np.ndarray]:
+        """Soft labels per policy dimension, {dimension: [n, 5]}, peaked at its grade."""
+        temperature = self.policy.rules.soft_labels.temperature
+        return {d: _smoothed(g.astype(np.float64), temperature)
+                for d, g in self.dimension_grades(pairs).items()}
+
 
 PROMPT_TEMPLATE = """{policy}
 

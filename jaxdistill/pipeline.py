@@ -1,4 +1,8 @@
-"""The job-search pipeline: workload -> teachers -> students -> calibration -> evaluation -> report.
+"""The job-search pipeline: workload -> judge -> teachers -> students -> calibration ->
+evaluation -> report.
+
+The judge stage fine-tunes a judge model on the golden set's annotated pairs and relabels the
+teachers' pairs with its grade distributions (`judge: oracle` keeps the rule oracle's labels).
 
 Each stage's output lives in `<workdir>/<stage>/<key>/` and is reused while its key is
 unchanged. A key hashes the stage's resolved config (with every input replaced by that input's
@@ -13,12 +17,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,9 +29,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from jaxdistill import config as config_lib
 from jaxdistill import judge as judge_lib
 
-DATA_FORMAT_VERSION = 1  # bump when the workload's records change shape
+DATA_FORMAT_VERSION = 3  # bump when the workload's records change shape
 EVALUATION_VERSION = 3  # bump when evaluation changes what it measures
 EVAL_SPLITS = ("validation", "test", "golden")
+JUDGE = "judge"  # the judge's stage name
+# What a judge model relabels: the pairs teachers train on. Validation, test and golden keep
+# the simulation's ground truth: evaluation fits grade thresholds and calibrates on validation
+# and measures on test, so a judge's bias there would be calibrated in and then scored.
+JUDGE_LABELLED_SPLITS = ("train",)
 
 
 class _Strict(BaseModel):
@@ -55,10 +63,16 @@ class EvaluateSpec(_Strict):
     k: int = Field(default=10, ge=1)
     poor_grade: int = Field(default=1, ge=0, le=4)
     throughput_batches: int = Field(default=6, ge=2)
+    throughput_queries: int = Field(default=32, ge=1, description="queries per timed call: "
+                                    "enough items that per-call overhead does not dominate")
+    disagreements: int = Field(default=10, ge=0, description="student-vs-policy pairs shown")
 
 
 class PipelineConfig(_Strict):
     name: str
+    judge: StageSpec | Literal["oracle"] = Field(
+        default="oracle", description="a judge model stage fine-tuned on the golden set, or "
+        "'oracle': the policy's rules label the data directly")
     workdir: str = "runs/job_search"
     policy: str
     tokenizer_vocab_size: int = Field(default=1000, ge=64)
@@ -88,7 +102,8 @@ def load_pipeline(path: str | Path) -> tuple[PipelineConfig, Path]:
             raise config_lib.ConfigError(config_lib.format_errors(err, data, str(path))) from None
         raise
     for name, stage in cfg.stages.items():
-        unknown = [s for s in [*stage.teachers.values(), stage.warm_start] if s and s not in cfg.stages]
+        unknown = [s for s in [*stage.teachers.values(), stage.warm_start]
+                   if s and s not in cfg.stages and s != JUDGE]
         if unknown:
             raise config_lib.ConfigError(f"{path}: stages.{name} depends on unknown stages {unknown}")
     if cfg.main_student not in cfg.stages:
@@ -166,7 +181,7 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
     """
     from jaxdistill.data.tokenizer import load_tokenizer, yes_no_token_ids
 
-    stage = cfg.stages[name]
+    stage = _stage_spec(cfg, name)
     where = (lambda out: out.key) if for_key else (lambda out: str(out.path))  # noqa: E731
     tokenizer = load_tokenizer(data.path / "tokenizer")
     yes_id, no_id = yes_no_token_ids(tokenizer)
@@ -183,13 +198,31 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
     for head in raw.get("model", {}).get("heads", {}).values():
         if head.get("type") == "token_score":
             head["token_ids"] = [no_id, yes_id]
+    # An offline teacher is the labeller whose outputs the records carry (the judge's
+    # per-dimension grades): it reads the stage's own data.
+    for teacher in raw.get("teachers") or {}:
+        entry = raw["teachers"][teacher]
+        if entry and str(entry.get("source", "")).startswith("offline:"):
+            entry["source"] = f"offline:{data.key if for_key else data.path / 'records'}"
     for teacher, source_stage in stage.teachers.items():
         raw.setdefault("teachers", {}).setdefault(teacher, {})
         raw["teachers"][teacher]["source"] = f"run:{where(upstream[source_stage])}"
         raw["teachers"][teacher]["dtype"] = preset.teacher_dtype
-    if stage.warm_start:
+    # `warm_start: judge` starts from the fine-tuned judge's weights (its dimension heads
+    # included); with `judge: oracle` there is no judge model and the stage starts from scratch.
+    if stage.warm_start and stage.warm_start in upstream:
         raw["model"]["warm_start"] = f"run:{where(upstream[stage.warm_start])}"
+    elif stage.warm_start and stage.warm_start != JUDGE:
+        raise config_lib.ConfigError(f"stage {name}: warm_start {stage.warm_start!r} has not run")
     return config_lib.validate(raw, source=str(base_dir / stage.config))
+
+
+def _stage_spec(cfg: PipelineConfig, name: str) -> StageSpec:
+    if name == JUDGE:
+        if not isinstance(cfg.judge, StageSpec):
+            raise config_lib.ConfigError(f"pipeline {cfg.name}: judge is {cfg.judge!r}, not a stage")
+        return cfg.judge
+    return cfg.stages[name]
 
 
 def run_stage(cfg: PipelineConfig, name: str, base_dir: Path, workdir: Path, preset: PresetSpec,
@@ -218,6 +251,128 @@ def run_stage(cfg: PipelineConfig, name: str, base_dir: Path, workdir: Path, pre
     return StageOutput(name, key, out, cached=False, seconds=seconds, experiment=experiment)
 
 
+# ------------------------------------------------------------------------------- judge
+
+
+def run_judge(cfg: PipelineConfig, base_dir: Path, workdir: Path, preset: PresetSpec,
+              data: StageOutput, policy_path: Path, policy_hash: str) -> StageOutput:
+    """The judge stage: fine-tune the judge on golden_train, then relabel the teachers' pairs.
+
+    Returns the data every later stage reads: with `judge: oracle`, the workload as generated
+    (labelled by the rule oracle); otherwise `<judge run>/labelled/` (records whose train and
+    validation pairs carry the judge's grades, grade distributions and per-dimension
+    distributions, and the workload's tokenizer), keyed by the judge's key so that a new
+    judge re-keys every stage after it.
+    """
+    if not isinstance(cfg.judge, StageSpec):
+        return data
+    judge = run_stage(cfg, JUDGE, base_dir, workdir, preset, data, policy_path, policy_hash, {})
+    out = judge.path / "labelled"
+    labelled = StageOutput(JUDGE, judge.key, out, cached=judge.cached, seconds=judge.seconds,
+                           experiment=judge.experiment)
+    if _done(out):
+        return labelled
+    start = time.time()
+    _say(f"judge: labelling {', '.join(JUDGE_LABELLED_SPLITS)} -> {out}")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    info = label_with_judge(judge, data.path / "records", out / "records")
+    shutil.copytree(data.path / "tokenizer", out / "tokenizer")
+    seconds = time.time() - start
+    _mark_done(out, {"key": judge.key, "seconds": seconds, "judge_info": info})
+    labelled.seconds += seconds
+    labelled.cached = False
+    return labelled
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def label_with_judge(judge: StageOutput, records_dir: Path, out_dir: Path, *,
+                     batch_size: int = 8) -> dict[str, Any]:
+    """Writes `records_dir` to `out_dir` with JUDGE_LABELLED_SPLITS relabelled by the judge.
+
+    Each candidate of those splits gets grade = the judge's most likely grade, grade_probs =
+    its grade distribution, and offline["judge"][dimension] = its per-dimension log-probs
+    (what a teacher's dimension heads distil). Returns {"judge", "kappa": the judge's kappa
+    against the held-out golden annotators, overall and per dimension (its dimension heads),
+    "oracle_kappa": the rule oracle's clean grades against the same annotators, "agreement":
+    the judge's kappa against the oracle's clean grades on each relabelled split}.
+    """
+    from jaxdistill import train
+    from jaxdistill.data.sources import dataset_info, open_source, write_dataset
+    from jaxdistill.data.tokenizer import load_tokenizer
+    from jaxdistill.models.model import functional
+
+    model_cfg, params = train.load_model(f"run:{judge.path}")
+    model = functional(model_cfg)
+    experiment = judge.experiment
+    tokenizer = load_tokenizer(experiment.data.tokenizer)
+    splits, agreement = {}, {}
+    info: dict[str, Any] = {"judge": f"{experiment.name} (fine-tuned "
+                            f"{experiment.model.backbone.type}, "
+                            f"init {experiment.model.init})"}
+    for split in dataset_info(records_dir)["splits"]:
+        source = open_source(records_dir, split)
+        records = [source[i] for i in range(len(source))]
+        splits[split] = records
+        if split not in (*JUDGE_LABELLED_SPLITS, "golden") or not records:
+            continue
+        list_size = max(len(r["candidates"]) for r in records)
+        labelling = experiment.model_copy(update={"data": experiment.data.model_copy(
+            update={"list_size": list_size, "batch_size": batch_size, "path": str(records_dir)})})
+        outputs = train.predict(model, params, train.split_dataset(
+            labelling, tokenizer, split, train=False, drop_remainder=False))
+        probs_QxNx5 = _softmax(outputs["grade"].astype(np.float64))
+        dims = {d: np.log(np.clip(_softmax(outputs[d].astype(np.float64)), 1e-4, 1.0))
+                for d in judge_lib.DIMENSIONS if d in outputs}
+        if split == "golden":
+            info["kappa"], info["oracle_kappa"] = _judge_kappa(records, probs_QxNx5, dims)
+            continue
+        ours, oracle = [], []
+        for q, record in enumerate(records):
+            for n, candidate in enumerate(record["candidates"]):
+                candidate["grade"] = int(np.argmax(probs_QxNx5[q, n]))
+                candidate["grade_probs"] = probs_QxNx5[q, n].round(5).tolist()
+                candidate["offline"] = {"judge": {d: lp[q, n].round(4).tolist()
+                                                  for d, lp in dims.items()}}
+                ours.append(candidate["grade"])
+                oracle.append(candidate["hidden"]["oracle_grade"])
+        agreement[f"kappa_vs_oracle/{split}"] = judge_lib.weighted_kappa(ours, oracle)
+    write_dataset(splits, "listwise", out_dir)
+    info["agreement"] = agreement
+    return info
+
+
+def _judge_kappa(records: Sequence[Mapping[str, Any]], probs_QxNx5: np.ndarray,
+                 dim_log_probs: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
+    """(judge, rule oracle) kappa against golden annotators, overall and per dimension."""
+    from jaxdistill import evaluate
+
+    def column(get):
+        return np.array([[get(c) for c in r["candidates"]] for r in records])
+
+    golden_QxN = column(lambda c: c["grade"])
+    dims = {d: column(lambda c, d=d: c["hidden"]["dimension_grades"][d])
+            for d in judge_lib.DIMENSIONS}
+    n = golden_QxN.shape[1]
+    predicted = {"overall": np.argmax(probs_QxNx5[:, :n], -1),
+                 **{d: np.argmax(lp[:, :n], -1) for d, lp in dim_log_probs.items()}}
+    oracle = column(lambda c: c["hidden"]["oracle_grade"])
+    return (evaluate.kappa_by_dimension(predicted, golden_QxN, dims),
+            evaluate.kappa_by_dimension({"overall": oracle, **dims}, golden_QxN, dims))
+
+
+def _judge_info(labelled: StageOutput) -> dict[str, Any]:
+    """What the report says about the judge that labelled the teachers' data."""
+    if labelled.name != JUDGE:
+        return {"judge": "rule_oracle (the policy's rules over the simulation's facts)"}
+    return json.loads((labelled.path / "DONE.json").read_text())["judge_info"]
+
+
 # -------------------------------------------------------------------------- evaluation
 
 
@@ -237,6 +392,11 @@ class Predictions:
     def p_yes(self, split: str) -> np.ndarray | None:
         logits = self.outputs[split].get("relevance")
         return None if logits is None else _sigmoid(logits[..., 1] - logits[..., 0])
+
+    def dimension_grades(self, split: str) -> dict[str, np.ndarray]:
+        """{dimension: argmax grade [Q, N]} for the policy dimensions this model has heads for."""
+        out = self.outputs[split]
+        return {d: np.argmax(out[d], axis=-1) for d in judge_lib.DIMENSIONS if d in out}
 
     def actions(self, split: str) -> np.ndarray | None:
         logits = self.outputs[split].get("actions")
@@ -303,36 +463,107 @@ def _golden_dimensions(data: StageOutput, rows: int, list_size: int) -> dict[str
     return dims
 
 
-def _combined_objective(terms, model: Predictions, teachers: Mapping[str, Predictions]) -> float:
-    """The main student's distillation objective (its terms, weights and temperatures at the end
-    of training) for any model, on the test split; NaN for a model lacking one of the heads."""
-    import jax.numpy as jnp
+def measure_items_per_second(stage: StageOutput, experiment: config_lib.Experiment,
+                             spec: EvaluateSpec) -> tuple[float, float]:
+    """(items/s, forward FLOPs per item) of a stage's model scoring `spec.throughput_queries`
+    test queries per call (device-resident inputs, best of two timed calls)."""
+    import jax
 
-    from jaxdistill.distill.objectives import compute_objective
+    from jaxdistill import evaluate, train
+    from jaxdistill.data.tokenizer import load_tokenizer
+    from jaxdistill.models.model import count_params, functional
 
-    def arrays(outputs, batch: bool):
-        return {k.removeprefix("batch/"): jnp.asarray(v) for k, v in outputs.items()
-                if k.startswith("batch/") == batch}
+    model_cfg, params = train.load_model(f"run:{stage.path}")
+    model = functional(model_cfg)
+    experiment = experiment.model_copy(update={"data": experiment.data.model_copy(
+        update={"list_size": spec.list_size, "batch_size": spec.throughput_queries})})
+    tokenizer = load_tokenizer(experiment.data.tokenizer)
+    batch = next(iter(train.split_dataset(experiment, tokenizer, "test", train=False,
+                                          drop_remainder=False)))
+    inputs = jax.device_put({k: v for k, v in batch.items() if k in train.MODEL_INPUTS})
+    items = int(np.prod(batch["input_ids"].shape[:-1]))
+    apply = model.jit_apply
 
-    out = model.outputs["test"]
-    if any(term.student not in out for term in terms):
-        return math.nan
-    teacher_outputs = {name: arrays(p.outputs["test"], False) for name, p in teachers.items()}
-    total, _ = compute_objective(tuple(terms), arrays(out, False), teacher_outputs,
-                                 arrays(out, True), jnp.asarray(2**30))
-    return float(total)
+    def score(batch):
+        return jax.block_until_ready(apply(params, batch))
+
+    rate = max(evaluate.measure_throughput(score, [inputs], warmup=1 if i == 0 else 0,
+                                           items_per_batch=[items]) for i in range(2))
+    backbone = model_cfg.backbone
+    width = backbone.heads * getattr(backbone, "head_dim", backbone.hidden // backbone.heads)
+    flops = evaluate.forward_flops_per_item(count_params(params, exclude_embeddings=True),
+                                            backbone.layers, width, experiment.data.max_len)
+    return rate, flops
+
+
+def _read_split(records_dir: Path, split: str) -> list[dict[str, Any]]:
+    from jaxdistill.data.sources import open_source
+
+    source = open_source(records_dir, split)
+    return [source[i] for i in range(len(source))]
+
+
+def position_baseline(train_records: Sequence[Mapping[str, Any]], test: Mapping[str, np.ndarray],
+                      action_names: Sequence[str]) -> dict[str, Any]:
+    """A row for the models table: each action's empirical rate per logged position on train,
+    scored on test. An engagement model earns its keep by the AUROC it adds over this."""
+    from jaxdistill import evaluate
+
+    positions = [c["position"] for r in train_records for c in r["candidates"]]
+    mask = (test["batch/candidate_mask"] > 0)
+    row: dict[str, Any] = {"model": "position-only baseline", "params": 0}
+    for i, action in enumerate(action_names):
+        rates_P = evaluate.position_rates(
+            positions, [c["actions"][action] for r in train_records for c in r["candidates"]])
+        scores = evaluate.score_by_position(rates_P, test["batch/position"])
+        row[f"auroc_{action}"] = evaluate.auroc(
+            scores, test["batch/actions"][..., i], (test["batch/action_mask"][..., i] > 0) & mask)
+    return row
+
+
+def disagreements(p_yes_QxN: np.ndarray, thresholds: Sequence[float],
+                  records: Sequence[Mapping[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The `n` pairs where a model's grade (its p(Yes) through `thresholds`) is furthest from
+    the policy's (ties: the larger p(Yes) gap), with what a reviewer needs to judge them."""
+    from jaxdistill import evaluate
+
+    grade_QxN = np.array([[c["hidden"]["oracle_grade"] for c in r["candidates"][:p_yes_QxN.shape[1]]]
+                          for r in records])
+    predicted_QxN = evaluate.scores_to_grades(p_yes_QxN, thresholds)
+    gap_QxN = np.abs(predicted_QxN - grade_QxN) + np.abs(p_yes_QxN - grade_QxN / 4.0)
+    worst = np.argsort(-gap_QxN, axis=None, kind="stable")[:n]
+    pairs = []
+    for q, c in zip(*np.unravel_index(worst, gap_QxN.shape)):
+        record, candidate = records[q], records[q]["candidates"][c]
+        pairs.append({"query": record["query"], "profile": record["member"],
+                      "job": candidate["document"], "policy_grade": int(grade_QxN[q, c]),
+                      "dimension_grades": dict(candidate["hidden"]["dimension_grades"]),
+                      "student_p_yes": float(p_yes_QxN[q, c]),
+                      "student_grade": int(predicted_QxN[q, c])})
+    return pairs
+
+
+def _profile_summary(member: str) -> str:
+    """The profile's first sentence (title, level, years) and its city."""
+    sentences = member.split(". ")
+    city = next((x for x in sentences if x.startswith("Based in")), "")
+    return ". ".join(x for x in (sentences[0], city) if x).rstrip(".") + "."
 
 
 def evaluate_models(cfg: PipelineConfig, data: StageOutput, stages: Mapping[str, StageOutput],
                     experiments: Mapping[str, config_lib.Experiment], out: Path,
-                    action_names: Sequence[str]) -> dict[str, Any]:
+                    action_names: Sequence[str],
+                    judge_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Scores every stage on the held-out splits and writes the report. `judge_info`: what
+    the judge stage recorded (which judge labelled the data, its held-out kappa)."""
     from jaxdistill import calibration, evaluate, report
 
     ev = cfg.evaluate
-    preds = {}
+    preds, speed = {}, {}
     for name, stage in stages.items():
         _say(f"evaluate: scoring {name}")
         preds[name] = predict_stage(stage, experiments[name], ev, main=name == cfg.main_student)
+        speed[name] = measure_items_per_second(stage, experiments[name], ev)
     relevance, engagement = preds["relevance_teacher"], preds["engagement_teacher"]
     student = preds[cfg.main_student]
     test = relevance.outputs["test"]
@@ -345,7 +576,8 @@ def evaluate_models(cfg: PipelineConfig, data: StageOutput, stages: Mapping[str,
     rows, kappa = [], {}
     for name, p in preds.items():
         row: dict[str, Any] = {"model": name, "params": p.params,
-                               "items_per_second": p.items_per_second}
+                               "items_per_second": speed[name][0],
+                               "forward_flops_per_item": speed[name][1]}
         p_yes = p.p_yes("test")
         if p_yes is not None:
             row["ndcg_at_10"] = evaluate.ndcg_at_k(p_yes, grades, mask, ev.k)
@@ -354,7 +586,9 @@ def evaluate_models(cfg: PipelineConfig, data: StageOutput, stages: Mapping[str,
             thresholds = evaluate.fit_grade_thresholds(
                 p.p_yes("validation"), validation["batch/grade"],
                 mask=validation["batch/candidate_mask"] > 0)
-            predicted = evaluate.scores_to_grades(p.p_yes("golden"), thresholds)
+            # A model with per-dimension heads is judged on each dimension by its own head.
+            predicted = {"overall": evaluate.scores_to_grades(p.p_yes("golden"), thresholds),
+                         **p.dimension_grades("golden")}
             kappa[name] = evaluate.kappa_by_dimension(
                 predicted, golden["batch/grade"], golden_dims, golden["batch/candidate_mask"] > 0)
             row["kappa"] = kappa[name]["overall"]
@@ -363,11 +597,17 @@ def evaluate_models(cfg: PipelineConfig, data: StageOutput, stages: Mapping[str,
             for i, action in enumerate(action_names):
                 row[f"auroc_{action}"] = evaluate.auroc(
                     probs[..., i], labels[..., i], (action_mask[..., i] > 0) & mask)
-        row["combined_objective"] = _combined_objective(
-            experiments[cfg.main_student].objective, p,
-            {"relevance_teacher": relevance, "engagement_teacher": engagement})
         rows.append(row)
     by_name = {r["model"]: r for r in rows}
+    # Combined score: each model's NDCG@10 as a fraction of the relevance teacher's and its
+    # click AUROC as a fraction of the engagement teacher's, averaged (1.0 = both teachers).
+    references = {"ndcg_at_10": by_name["relevance_teacher"]["ndcg_at_10"],
+                  "auroc_click": by_name["engagement_teacher"]["auroc_click"]}
+    for row in rows:
+        row["combined_score"] = evaluate.relative_score(row, references)
+    train_records = _read_split(data.path / "records", "train")
+    baseline = position_baseline(train_records, test, action_names)
+    rows.append(baseline)
 
     agreement = {}
     if student.p_yes("test") is not None:
@@ -409,11 +649,12 @@ def evaluate_models(cfg: PipelineConfig, data: StageOutput, stages: Mapping[str,
         _target("student params / teacher params", s["params"] / teacher_params, 0.25, "<="),
         _target("student items/s / relevance teacher's", s["items_per_second"] /
                 by_name["relevance_teacher"]["items_per_second"], 3.0, ">="),
+        _target("engagement teacher click AUROC - position-only baseline's",
+                by_name["engagement_teacher"]["auroc_click"] - baseline["auroc_click"], 0.0, ">"),
     ]
     for single in singles:
-        targets.append(_target(f"combined objective: student vs {single}",
-                               s["combined_objective"], by_name[single]["combined_objective"],
-                               "<"))
+        targets.append(_target(f"combined score: student vs {single}",
+                               s["combined_score"], by_name[single]["combined_score"], ">"))
     headline = {
         "student NDCG@10": s["ndcg_at_10"],
         "relevance teacher NDCG@10": by_name["relevance_teacher"]["ndcg_at_10"],
@@ -424,6 +665,9 @@ def evaluate_models(cfg: PipelineConfig, data: StageOutput, stages: Mapping[str,
         "student/teacher params": s["params"] / teacher_params,
         "student/teacher items/s": s["items_per_second"] /
         by_name["relevance_teacher"]["items_per_second"],
+        "teacher/student forward FLOPs per item": by_name["relevance_teacher"][
+            "forward_flops_per_item"] / s["forward_flops_per_item"],
+        "student combined score": s["combined_score"],
         "student-teacher relevance spearman": agreement.get("relevance", {}).get("spearman"),
         "student-teacher click spearman": agreement.get("click", {}).get("spearman"),
     }
@@ -433,13 +677,79 @@ def evaluate_models(cfg: PipelineConfig, data: StageOutput, stages: Mapping[str,
             metrics = report.read_metrics_jsonl(stage.path / "metrics.jsonl")
             curves[name] = {k: v for k, v in metrics.items() if "loss/" in k}
     out.mkdir(parents=True, exist_ok=True)
+    thresholds = evaluate.fit_grade_thresholds(
+        student.p_yes("validation"), validation["batch/grade"],
+        mask=validation["batch/candidate_mask"] > 0)
+    worst = disagreements(student.p_yes("test"), thresholds,
+                          _read_split(data.path / "records", "test"), ev.disagreements)
+    sections = _report_sections(cfg, judge_info, baseline, by_name, worst, action_names)
     report_path = report.write_report(
         out, headline=headline, models_table=rows, curves=curves, calibration=calib_summary,
-        kappa_by_dimension=kappa, targets=targets, title="Job search: multi-teacher distillation")
+        kappa_by_dimension=kappa, targets=targets, title="Job search: multi-teacher distillation",
+        sections=sections)
     summary = {"headline": headline, "models": rows, "agreement": agreement, "targets": targets,
-               "report": str(report_path)}
+               "judge": judge_info, "disagreements": worst, "report": str(report_path)}
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=_json_number))
     return summary
+
+
+def _report_sections(cfg: PipelineConfig, judge_info: Mapping[str, Any] | None,
+                     baseline: Mapping[str, Any], by_name: Mapping[str, Mapping[str, Any]],
+                     worst: Sequence[Mapping[str, Any]], action_names: Sequence[str]
+                     ) -> list[tuple[str, list[str]]]:
+    """The report's job-search sections: the judge, the engagement baseline, the combined
+    score, throughput, and the pairs where the student and the policy disagree most."""
+    from jaxdistill import report
+
+    sections = []
+    info = dict(judge_info or {"judge": "rule_oracle"})
+    lines = [f"Training pairs were labelled by **{info['judge']}**."]
+    if "kappa" in info:
+        lines += ["The judge was fine-tuned on the golden set's annotated pairs and is measured "
+                  "on held-out golden pairs (quadratic weighted kappa; its dimension heads for "
+                  "the dimensions). The rule oracle's clean grades against the same annotators "
+                  "are the ceiling the annotators' noise allows.", ""]
+        names = list(info["kappa"])
+        lines += report.table_lines(
+            ["judge", *names],
+            [[info["judge"], *(info["kappa"][d] for d in names)],
+             ["rule oracle (ceiling)", *(info["oracle_kappa"].get(d) for d in names)]])
+        lines += ["", "Kappa of the judge's labels against the oracle's clean grades: " +
+                  ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in info["agreement"].items())]
+    sections.append(("Judge", lines))
+
+    engagement = by_name["engagement_teacher"]
+    sections.append(("Engagement against a position-only baseline", [
+        "The baseline scores every candidate by its action's empirical rate at its logged "
+        "position on train: position bias alone. An engagement model is worth its cost by the "
+        "AUROC it adds over it.", "",
+        *report.table_lines(["action", "position-only AUROC", "engagement teacher AUROC"],
+                            [[a, baseline[f"auroc_{a}"], engagement.get(f"auroc_{a}")]
+                             for a in action_names]),
+        "", "Dismissals follow examination (position) and a poor fit, and are logged only "
+        "for examined candidates that were not clicked: a model must score them high for "
+        "poor matches, the opposite of clicks and applies."]))
+
+    sections.append(("Reading the combined score and throughput", [
+        "Combined score = mean of (NDCG@10 / the relevance teacher's) and (click AUROC / the "
+        "engagement teacher's); 1.0 means a model matches both teachers. A model without "
+        "a trained head for one of them loses that half.",
+        "Items/s is measured with device-resident inputs at "
+        f"{cfg.evaluate.throughput_queries} queries x {cfg.evaluate.list_size} candidates per "
+        "call; forward FLOPs per item (2·N·T + 4·L·T²·A, N non-embedding parameters) is "
+        "what the ratio would follow if matmuls ran at one rate whatever their size."]))
+
+    if worst:
+        rows = [[i + 1, w["query"], _profile_summary(w["profile"]), w["job"], w["policy_grade"],
+                 ", ".join(f"{d} {g}" for d, g in w["dimension_grades"].items()),
+                 w["student_p_yes"], w["student_grade"]] for i, w in enumerate(worst)]
+        sections.append((f"Where the student and the policy disagree most ({len(worst)} test pairs)", [
+            "Policy grade: the rule oracle's (the simulation's ground truth). Student grade: its "
+            "p(Yes) mapped to grades by thresholds fitted on validation.", "",
+            *report.table_lines(["#", "query", "profile", "job", "policy grade",
+                                 "policy grade by dimension", "student p(Yes)", "student grade"],
+                                rows)]))
+    return sections
 
 
 def _json_number(value):
@@ -449,7 +759,7 @@ def _json_number(value):
 
 
 def _target(name: str, value: float, goal: float, op: str) -> dict[str, Any]:
-    met = {">=": value >= goal, "<=": value <= goal, "<": value < goal}[op]
+    met = {">=": value >= goal, "<=": value <= goal, "<": value < goal, ">": value > goal}[op]
     note = "" if met else f"{value:.4g} is not {op} {goal:.4g}"
     return {"name": name, "value": value, "target": f"{op} {goal:.4g}", "met": bool(met),
             "note": note}
@@ -473,14 +783,21 @@ def run(path: str | Path, preset_name: str = "laptop", workdir: str | Path | Non
 
     data = prepare_data(cfg, preset, workdir, policy_path, policy.content_hash)
     _say(f"data: {'cached' if data.cached else f'{data.seconds:.0f}s'} ({data.path})")
+    labelled = run_judge(cfg, base_dir, workdir, preset, data, policy_path, policy.content_hash)
     stages: dict[str, StageOutput] = {}
+    if labelled is not data:
+        _say(f"judge: {'cached' if labelled.cached else f'{labelled.seconds:.0f}s'} "
+             f"({labelled.path})")
+        # Stages may warm-start from the judge's run (the labelled data lives inside it).
+        stages[JUDGE] = dataclasses.replace(labelled, path=labelled.path.parent)
     experiments = {}
     for name in cfg.stages:
-        stages[name] = run_stage(cfg, name, base_dir, workdir, preset, data, policy_path,
+        stages[name] = run_stage(cfg, name, base_dir, workdir, preset, labelled, policy_path,
                                  policy.content_hash, stages)
         experiments[name] = stages[name].experiment
         _say(f"{name}: {'cached' if stages[name].cached else f'{stages[name].seconds:.0f}s'} "
              f"({stages[name].path})")
+    stages.pop(JUDGE, None)  # evaluated through what it labelled, not as a ranker
 
     eval_key = digest({"stages": {n: s.key for n, s in stages.items()},
                        "version": EVALUATION_VERSION,
@@ -488,7 +805,8 @@ def run(path: str | Path, preset_name: str = "laptop", workdir: str | Path | Non
                        "data": data.key})
     eval_dir = workdir / "evaluation" / eval_key
     outputs = {n: {"key": s.key, "cached": s.cached, "path": str(s.path)}
-               for n, s in [("data", data), *stages.items()]}
+               for n, s in [("data", data), *([(JUDGE, labelled)] if labelled is not data else []),
+                            *stages.items()]}
     outputs["evaluation"] = {"key": eval_key, "cached": _done(eval_dir), "path": str(eval_dir)}
     if not evaluate:
         return {"stages": outputs, "seconds": time.time() - started}
@@ -497,7 +815,8 @@ def run(path: str | Path, preset_name: str = "laptop", workdir: str | Path | Non
         _say("evaluation: cached")
     else:
         summary = evaluate_models(cfg, data, stages, experiments, eval_dir,
-                                  experiments[cfg.main_student].data.action_names)
+                                  experiments[cfg.main_student].data.action_names,
+                                  judge_info=_judge_info(labelled))
         _mark_done(eval_dir, {"key": eval_key})
     summary["stages"] = outputs
     summary["seconds"] = time.time() - started

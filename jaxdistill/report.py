@@ -226,11 +226,17 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
+def table_lines(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A markdown table, numbers formatted as in the standard sections (for `sections`)."""
+    return _table(list(header), [[_fmt(v) for v in row] for row in rows])
+
+
 def write_report(run_dir: str | Path, *, headline: Mapping[str, Any],
                  models_table: Sequence[Mapping[str, Any]], curves: Curves,
                  calibration: Mapping[str, Mapping[str, Any]],
                  kappa_by_dimension: Mapping[str, Any], targets: Sequence[Mapping[str, Any]],
-                 title: str = "jaxdistill run report") -> Path:
+                 title: str = "jaxdistill run report",
+                 sections: Sequence[tuple[str, Sequence[str]]] = ()) -> Path:
     """Writes report.md, its PNGs and report.json into run_dir; returns the report.md path.
 
     models_table: one row per model, e.g. {"model": "two-teacher student", "params": 3.1e7,
@@ -239,7 +245,8 @@ def write_report(run_dir: str | Path, *, headline: Mapping[str, Any],
     curves: {model/stage: {loss term: [(step, value)]}} (see `read_metrics_jsonl`).
     calibration: {head: calibration_summary entry}. kappa_by_dimension: {model: {dim: κ}}
     or {dim: κ}. targets: [{"name", "value", "target", "met", "note"}].
-    A section without data says so and draws no plot.
+    A section without data says so and draws no plot. sections: extra (heading, markdown
+    lines) pairs, written after the standard sections in order (see `table_lines`).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -311,6 +318,9 @@ def write_report(run_dir: str | Path, *, headline: Mapping[str, Any],
         md += ["", f"![Kappa by dimension]({KAPPA_PNG})"]
     else:
         md.append("No golden-set kappa.")
+
+    for heading, lines in sections:
+        md += ["", f"## {heading}", "", *lines]
 
     report_path = run_dir / "report.md"
     report_path.write_text("\n".join(md) + "\n")

@@ -246,3 +246,31 @@ def test_binary_metrics_and_class_agreement():
     assert same == {"argmax_agreement": 1.0, "kl": pytest.approx(0.0, abs=1e-12)}
     flipped = evaluate.class_agreement(teacher, teacher[:, ::-1])
     assert flipped["argmax_agreement"] == 0.0 and flipped["kl"] > 0
+
+
+def test_position_rates_hand_example():
+    positions = [[0, 1, 2], [0, 1, 2]]
+    clicks = [[1, 0, 0], [1, 1, 0]]
+    # overall rate 0.5; position 0: (2 + 0.5) / (2 + 1), 1: (1 + 0.5) / 3, 2: (0 + 0.5) / 3
+    rates = evaluate.position_rates(positions, clicks, smoothing=1.0)
+    np.testing.assert_allclose(rates, [2.5 / 3, 1.5 / 3, 0.5 / 3])
+    masked = evaluate.position_rates(positions, clicks, [[1, 1, 1], [0, 0, 0]], smoothing=0.0)
+    np.testing.assert_allclose(masked, [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(evaluate.score_by_position(rates, [[2, 0, 7]]),
+                               [[0.5 / 3, 2.5 / 3, 0.5 / 3]])  # beyond the fit: the last rate
+    with pytest.raises(ValueError, match="one shape"):
+        evaluate.position_rates([0, 1], [1])
+
+
+def test_relative_score_averages_ratios_and_zeroes_missing():
+    refs = {"ndcg_at_10": 0.8, "auroc_click": 0.5}
+    assert evaluate.relative_score({"ndcg_at_10": 0.4, "auroc_click": 0.5}, refs) == 0.75
+    assert evaluate.relative_score({"ndcg_at_10": 0.8}, refs) == 0.5
+    assert evaluate.relative_score({"ndcg_at_10": 0.8, "auroc_click": float("nan")}, refs) == 0.5
+    with pytest.raises(ValueError, match="must be > 0"):
+        evaluate.relative_score({}, {"ndcg_at_10": 0.0})
+
+
+def test_forward_flops_per_item_hand_example():
+    # 2 * 1000 params * 10 tokens + 4 * 2 layers * 10^2 * 8 = 20000 + 6400
+    assert evaluate.forward_flops_per_item(1000, 2, 8, 10) == 26400.0

@@ -223,3 +223,17 @@ def test_model_judge_scores_with_a_decoder_of_ours():
     np.testing.assert_allclose(p_yes, expected, rtol=1e-5)
     assert judge.grades(pairs).shape == (5,)
     np.testing.assert_allclose(judge.grade_distribution(pairs).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_dimension_distribution_peaks_at_each_dimension_grade(policy):
+    oracle = RuleOracleJudge(policy)
+    pairs = _pairs(ROWS)
+    dims, soft = oracle.dimension_grades(pairs), oracle.dimension_distribution(pairs)
+    assert set(soft) == set(judge_lib.DIMENSIONS)
+    for d in judge_lib.DIMENSIONS:
+        assert soft[d].shape == (len(ROWS), 5)
+        np.testing.assert_allclose(soft[d].sum(axis=1), 1.0)
+        np.testing.assert_array_equal(soft[d].argmax(axis=1), dims[d])
+    # exp(-(g - c)^2 / T) at T = 0.5: a neighbour gets e^-2 of the peak's mass.
+    row = soft["function"][0]  # same title: grade 4
+    assert row[3] / row[4] == pytest.approx(np.exp(-2.0))

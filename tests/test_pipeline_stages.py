@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jaxdistill import judge as judge_lib
 from jaxdistill import pipeline
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "job_search"
@@ -29,7 +30,7 @@ def tiny_pipeline(tmp_path: Path) -> Path:
     spec["presets"] = {"tiny": {
         "workload": {"preset": "laptop", "n_members": 120, "n_jobs": 120, "train_queries": 24,
                      "validation_queries": 4, "test_queries": 4, "golden_queries": 4,
-                     "list_size": 4},
+                     "golden_train_queries": 4, "list_size": 4},
         "set": ["trainer.steps=1", "optimizer.total_steps=1", "optimizer.warmup_steps=0",
                 "trainer.log_every=1", "trainer.eval_every=1", "trainer.eval_batches=1",
                 "checkpoint.every=1", "data.max_len=24", "data.list_size=4",
@@ -38,6 +39,10 @@ def tiny_pipeline(tmp_path: Path) -> Path:
     }}
     (configs / "pipeline.yaml").write_text(yaml.safe_dump(spec))
     return configs / "pipeline.yaml"
+
+
+def _row(summary, model):
+    return next(row for row in summary["models"] if row["model"] == model)
 
 
 def rerun(path: Path, workdir: Path) -> dict[str, tuple[str, bool]]:
@@ -56,13 +61,30 @@ def test_editing_a_stage_reruns_only_what_depends_on_it(tmp_path):
     assert {n: k for n, (k, _) in again.items()} == {n: k for n, (k, _) in first.items()}
     assert all(cached for name, (_, cached) in again.items() if name != "evaluation")
 
+    assert set(first) == {"data", "judge", "relevance_teacher", "engagement_teacher", "student",
+                          "evaluation"}
+
     engagement = path.parent / "engagement_teacher.yaml"
     engagement.write_text(engagement.read_text().replace("hidden: 64", "hidden: 48"))
     edited = rerun(path, workdir)
     changed = {name for name in edited if edited[name][0] != first[name][0]}
     assert changed == {"engagement_teacher", "student", "evaluation"}
-    assert edited["relevance_teacher"][1] and edited["data"][1]  # reused
+    assert edited["relevance_teacher"][1] and edited["data"][1] and edited["judge"][1]  # reused
     assert not edited["engagement_teacher"][1] and not edited["student"][1]  # retrained
+
+    relevance = path.parent / "relevance_teacher.yaml"  # a teacher never re-runs the judge
+    relevance.write_text(relevance.read_text().replace("weight: 0.5", "weight: 0.4"))
+    edited_relevance = rerun(path, workdir)
+    changed = {n for n in edited_relevance if edited_relevance[n][0] != edited[n][0]}
+    assert changed == {"relevance_teacher", "student", "evaluation"}
+    assert edited_relevance["judge"][1]
+
+    spec = yaml.safe_load(path.read_text())  # a bigger golden set: a new judge, new labels
+    spec["presets"]["tiny"]["workload"]["golden_train_queries"] = 6
+    path.write_text(yaml.safe_dump(spec))
+    regolden = rerun(path, workdir)
+    assert all(regolden[n][0] != edited_relevance[n][0] for n in regolden)
+    edited = regolden
 
     policy = path.parent / "policy.md"
     policy.write_text(policy.read_text().replace("thresholds: [1.0, 1.9, 2.7, 3.5]",
@@ -83,6 +105,18 @@ def test_editing_a_stage_reruns_only_what_depends_on_it(tmp_path):
                ("training_curves.png", "models_vs_metrics.png", "calibration.png"))
     evaluation = json.loads((report_dir / "evaluation.json").read_text())
     assert evaluation["headline"]["student NDCG@10"] == student["ndcg_at_10"]
+    # The judge that labelled the teachers' data, with its held-out kappa per dimension.
+    assert evaluation["judge"]["judge"].startswith("judge (fine-tuned decoder")
+    assert set(evaluation["judge"]["kappa"]) == {"overall", *judge_lib.DIMENSIONS}
+    baseline = next(r for r in summary["models"] if r["model"] == "position-only baseline")
+    assert 0 <= baseline["auroc_click"] <= 1
+    assert student["combined_score"] == pytest.approx(0.5 * (
+        student["ndcg_at_10"] / _row(summary, "relevance_teacher")["ndcg_at_10"]
+        + student["auroc_click"] / _row(summary, "engagement_teacher")["auroc_click"]))
+    assert student["forward_flops_per_item"] > 0
+    report_md = (report_dir / "report.md").read_text()
+    assert "position-only baseline" in report_md and "disagree most" in report_md
+    assert len(evaluation["disagreements"]) == 10
     assert pipeline.run(path, "tiny", workdir)["stages"]["evaluation"]["cached"]
 
 
@@ -95,3 +129,23 @@ def test_unknown_preset_and_stage_errors_name_the_file(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(Exception, match=r"pipeline.yaml: stages.student depends on unknown"):
         pipeline.load_pipeline(path)
+
+
+def test_teachers_warm_start_from_the_judge_unless_the_oracle_labels(tmp_path):
+    path = tiny_pipeline(tmp_path)
+    cfg, base_dir = pipeline.load_pipeline(path)
+    preset = cfg.presets["tiny"]
+    policy_path = Path(cfg.policy).resolve()
+    policy_hash = judge_lib.load_policy(policy_path).content_hash
+    data = pipeline.prepare_data(cfg, preset, tmp_path / "runs", policy_path, policy_hash)
+    judge_run = pipeline.StageOutput("judge", "judgekey", tmp_path / "judge_run", False, 0.0)
+
+    def experiment(upstream, for_key=False):
+        return pipeline.stage_experiment(cfg, "relevance_teacher", base_dir, preset, data,
+                                         policy_path, upstream, for_key=for_key)
+
+    assert experiment({"judge": judge_run}).model.warm_start == f"run:{judge_run.path}"
+    assert experiment({"judge": judge_run}, for_key=True).model.warm_start == "run:judgekey"
+    # Its per-dimension labels are an offline teacher reading the stage's own records.
+    assert experiment({}).teachers["judge"].source == f"offline:{data.path / 'records'}"
+    assert experiment({}).model.warm_start is None  # judge: oracle, no judge model

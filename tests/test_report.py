@@ -111,3 +111,15 @@ def test_write_report_with_empty_sections(tmp_path):
     with pytest.raises(ValueError, match=r"targets\[0\] lacks keys \['met'\]"):
         report.write_report(tmp_path, headline={}, models_table=[], curves={}, calibration={},
                             kappa_by_dimension={}, targets=[{"name": "x", "value": 1, "target": 2}])
+
+
+def test_extra_sections_follow_the_standard_ones(tmp_path):
+    table = report.table_lines(["query", "p(Yes)"], [["sr swe | remote", 0.123456], ["ds", 2500.0]])
+    assert table == ["| query | p(Yes) |", "|---|---|", "| sr swe \\| remote | 0.1235 |",
+                     "| ds | 2,500 |"]
+    path = report.write_report(tmp_path, headline={}, models_table=[], curves={}, calibration={},
+                               kappa_by_dimension={}, targets=[],
+                               sections=[("Judge", ["Labelled by the judge."]), ("Pairs", table)])
+    md = path.read_text()
+    assert md.index("## Kappa by policy dimension") < md.index("## Judge") < md.index("## Pairs")
+    assert "Labelled by the judge." in md and "| sr swe \\| remote | 0.1235 |" in md

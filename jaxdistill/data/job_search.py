@@ -2,7 +2,7 @@
 
 Members and jobs carry hidden variables (function, title, level, skills, city, workplace,
 company glamour, activity). Models see only rendered text (`render_member`, `render_job`, the
-typed query) and `member_features`; every fact the policy grades on is written in that text,
+typed query; all lowercased, as an uncased model's input) and `member_features`; every fact the policy grades on is written in that text,
 so relevance is learnable from it. A `Judge` (default: the rule oracle over
 configs/job_search/policy.md) labels pairs; a separate personalised behaviour model with
 position bias simulates clicks, applies and dismissals, correlated with relevance but not
@@ -10,8 +10,13 @@ equal to it (glamour and salary draw clicks the policy does not reward).
 
 `generate_splits(config)` returns listwise records:
     {"query", "member", "member_features",
-     "candidates": [{"document", "grade", "grade_probs", "position", "actions", "hidden"}]}
-"hidden" is for evaluation only and must be dropped before tokenisation.
+     "candidates": [{"document", "grade", "grade_probs", "position", "actions", "offline",
+                     "hidden"}]}
+"offline" holds per-dimension grade distributions as log-probabilities, under the name of
+whoever graded the pair: `offline["judge"][dimension]` (train, validation, test: the labelling
+judge's) or `offline["annotators"][dimension]` (the golden splits), read by models with
+per-dimension heads as an offline teacher. "hidden" is for evaluation only and must be dropped
+before tokenisation.
 """
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ import pydantic
 from jaxdistill import judge as judge_lib
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "configs" / "job_search" / "policy.md"
-SPLITS = ("train", "validation", "test", "golden")
+# golden_train: the annotated pairs a judge is fine-tuned on; golden: held out, for kappa.
+SPLITS = ("train", "validation", "test", "golden", "golden_train")
+GOLDEN_SPLITS = ("golden", "golden_train")
 ACTIONS = ("click", "apply", "dismiss")
 
 
@@ -318,8 +325,11 @@ class JobSearchWorld:
                                  for f in range(len(FUNCTIONS))]
         self.jobs_by_city = [np.flatnonzero(self.job_city_J == c) for c in range(len(CITIES))]
         self._reachable: dict[tuple[int, int], np.ndarray] = {}
-        self.rendered_jobs = [render_job(j) for j in self.jobs]
-        self.rendered_members = [render_member(m) for m in self.members]
+        # Uncased, as members type queries: with a case-sensitive vocabulary "backend" in a
+        # query and "Backend" in a title are unrelated tokens, so the title match the policy
+        # weighs most could only be learned word by word from the labels.
+        self.rendered_jobs = [render_job(j).lower() for j in self.jobs]
+        self.rendered_members = [render_member(m).lower() for m in self.members]
         self.member_features = [member_features(m) for m in self.members]
 
     def reachable_jobs(self, function: int, city: int) -> np.ndarray:
@@ -488,7 +498,10 @@ def simulate_engagement(world: JobSearchWorld, member_N: np.ndarray, job_N: np.n
     click_N = examined_N & (rng.random(len(job_N)) < click_p)
     apply_p = _sigmoid(-6.5 + 7.5 * utility_N ** 2 + 0.8 * facts["skill_overlap"])
     apply_N = click_N & (rng.random(len(job_N)) < apply_p)
-    dismiss_p = _sigmoid(-4.5 + 4.5 * (1.0 - utility_N) ** 2 + 1.5 * activity_N)
+    # Members who look at a poor match and pass on it often say so: at the old -4.5 offset
+    # dismissals were 1.5% of candidates, about a hundred in a laptop run, too few for any
+    # model to learn that they mark poor fits (every model scored them by position instead).
+    dismiss_p = _sigmoid(-3.0 + 4.5 * (1.0 - utility_N) ** 2 + 1.5 * activity_N)
     dismiss_N = examined_N & ~click_N & (rng.random(len(job_N)) < dismiss_p)
     return {"click": click_N, "apply": apply_N, "dismiss": dismiss_N,
             "attractiveness": attractiveness_N, "utility": utility_N}
@@ -512,6 +525,7 @@ class JobSearchConfig(pydantic.BaseModel):
     validation_queries: int = pydantic.Field(400, ge=0)
     test_queries: int = pydantic.Field(400, ge=0)
     golden_queries: int = pydantic.Field(300, ge=0)
+    golden_train_queries: int = pydantic.Field(0, ge=0)
     list_size: int = pydantic.Field(10, ge=2, le=40)
     policy_path: str = str(DEFAULT_POLICY)
     strong_fraction: float = pydantic.Field(0.3, ge=0, le=1)
@@ -552,6 +566,10 @@ def _annotate(oracle: judge_lib.RuleOracleJudge, pairs: judge_lib.Pairs,
     return noisy_N.astype(np.int64)
 
 
+def _log_probs(probs_NxG: np.ndarray) -> list[list[float]]:
+    return np.log(np.clip(probs_NxG, 1e-4, 1.0)).round(4).tolist()
+
+
 def _split(world: JobSearchWorld, members: np.ndarray, n_queries: int, config: JobSearchConfig,
            judge: judge_lib.Judge, oracle: judge_lib.RuleOracleJudge, golden: bool,
            rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -574,13 +592,19 @@ def _split(world: JobSearchWorld, members: np.ndarray, n_queries: int, config: J
         query=[queries[q].text for q in query_N], member=[world.rendered_members[m] for m in member_N],
         document=[world.rendered_jobs[j] for j in job_N], hidden=facts)
     clean_N = oracle.grades(pairs)
+    dims = oracle.dimension_grades(pairs)
     if golden:
         grade_N = _annotate(oracle, pairs, config, rng)
         probs_Nx5 = np.eye(judge_lib.N_GRADES)[grade_N]
+        # Annotators grade each dimension from the facts; their disagreement is in combining.
+        offline_name = "annotators"
+        dim_probs = {d: np.eye(judge_lib.N_GRADES)[dims[d]] for d in judge_lib.DIMENSIONS}
     else:
         grade_N = np.asarray(judge.grades(pairs))
         probs_Nx5 = np.asarray(judge.grade_distribution(pairs))
-    dims = oracle.dimension_grades(pairs)
+        offline_name = "judge"
+        by_dimension = getattr(judge, "dimension_distribution", None)
+        dim_probs = by_dimension(pairs) if by_dimension is not None else {}
     actions = simulate_engagement(world, member_N, job_N, position_N, facts, rng)
 
     # Plain Python lists: per-element numpy indexing dominates record building otherwise.
@@ -589,6 +613,7 @@ def _split(world: JobSearchWorld, members: np.ndarray, n_queries: int, config: J
     positions, job_ids = position_N.tolist(), job_N.tolist()
     action_lists = {a: actions[a].astype(np.int64).tolist() for a in ACTIONS}
     dim_lists = {d: dims[d].tolist() for d in judge_lib.DIMENSIONS}
+    dim_log_probs = {d: _log_probs(p) for d, p in dim_probs.items()}
     clean, attractiveness = clean_N.tolist(), actions["attractiveness"].tolist()
     matches = [judge_lib.FUNCTION_MATCHES[c] for c in facts["function_match"].tolist()]
     cases = [judge_lib.LOCATION_CASES[c] for c in facts["location_case"].tolist()]
@@ -606,6 +631,8 @@ def _split(world: JobSearchWorld, members: np.ndarray, n_queries: int, config: J
                 "grade_probs": probs[i],
                 "position": positions[i],
                 "actions": {a: action_lists[a][i] for a in ACTIONS},
+                **({"offline": {offline_name: {d: lp[i] for d, lp in dim_log_probs.items()}}}
+                   if dim_log_probs else {}),
                 "hidden": {
                     "dimension_grades": {d: dim_lists[d][i] for d in judge_lib.DIMENSIONS},
                     "oracle_grade": clean[i],
@@ -635,14 +662,14 @@ def generate_splits(config: JobSearchConfig, judge: judge_lib.Judge | None = Non
     oracle = judge_lib.RuleOracleJudge(policy)
     world = JobSearchWorld(config.seed, config.n_members, config.n_jobs)
     counts = [config.train_queries, config.validation_queries, config.test_queries,
-              config.golden_queries]
+              config.golden_queries, config.golden_train_queries]
     # Members are split in proportion to queries so no query, nor its member, crosses splits.
     shuffled = np.random.default_rng([config.seed, 2_000]).permutation(config.n_members)
     bounds = np.cumsum([0] + counts) / max(sum(counts), 1) * config.n_members
     splits = Splits()
     for k, (name, n) in enumerate(zip(SPLITS, counts)):
         members = shuffled[int(bounds[k]):max(int(bounds[k + 1]), int(bounds[k]) + 1)]
-        splits[name] = _split(world, members, n, config, judge, oracle, golden=name == "golden",
+        splits[name] = _split(world, members, n, config, judge, oracle, golden=name in GOLDEN_SPLITS,
                               rng=np.random.default_rng([config.seed, k]))
     splits.metadata = {
         "policy_hash": policy.content_hash,

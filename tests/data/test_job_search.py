@@ -68,8 +68,8 @@ def test_models_see_no_hidden_variables(laptop):
     for record in laptop["train"][:200]:
         visible = _visible(record)
         assert set(visible) == {"query", "member", "member_features", "candidates"}
-        assert all(set(c) == {"document", "grade", "grade_probs", "position", "actions"}
-                   for c in visible["candidates"])
+        assert all(set(c) == {"document", "grade", "grade_probs", "position", "actions",
+                              "offline"} for c in visible["candidates"])
         texts = [visible["query"], visible["member"]] + [c["document"] for c in visible["candidates"]]
         assert not any(name in text.lower() for text in texts for name in hidden_names)
 
@@ -180,6 +180,8 @@ def test_labels_come_from_the_judge_passed_in():
     splits = js.generate_splits(js.JobSearchConfig(**SMALL), judge=model_judge)
     assert splits.metadata["judge"] == "model_judge"
     assert {c["grade"] for c in _candidates(splits["train"])} == {3}
+    # A judge without per-dimension grades leaves no per-dimension labels to distil.
+    assert not any("offline" in c for c in _candidates(splits["train"]))
     assert len({c["grade"] for c in _candidates(splits["golden"])}) > 1  # golden: oracle + noise
 
 
@@ -190,3 +192,37 @@ def test_presets_and_config_errors():
         js.JobSearchConfig.preset("huge")
     with pytest.raises(ValueError, match="list_sise"):
         js.JobSearchConfig(list_sise=5)
+
+
+def test_dimension_labels_name_their_grader():
+    """Train pairs carry the judge's per-dimension log-probs, peaked at the oracle's dimension
+    grades; golden pairs the annotators' (one-hot); golden_train is disjoint from golden."""
+    splits = js.generate_splits(js.JobSearchConfig(**SMALL, golden_train_queries=12))
+    assert len(splits["golden_train"]) == 12
+    for split, grader in (("train", "judge"), ("golden", "annotators"),
+                          ("golden_train", "annotators")):
+        for c in _candidates(splits[split])[:300]:
+            assert set(c["offline"]) == {grader}
+            for d, log_probs in c["offline"][grader].items():
+                probs = np.exp(log_probs)
+                assert abs(probs.sum() - 1) < 2e-3 * (5 if grader == "annotators" else 1)
+                assert np.argmax(probs) == c["hidden"]["dimension_grades"][d]
+                if grader == "annotators":
+                    assert probs.max() > 0.999
+    members = {split: {c["hidden"]["member_id"] for c in _candidates(splits[split])}
+               for split in js.GOLDEN_SPLITS}
+    assert not members["golden"] & members["golden_train"]
+
+
+def test_text_is_uncased_so_a_typed_title_is_the_documents_words():
+    """A query typing the canonical title finds the same tokens in a same-title job."""
+    splits = js.generate_splits(js.JobSearchConfig(**SMALL, typo_rate=0.0))
+    checked = 0
+    for record in splits["train"]:
+        assert record["member"] == record["member"].lower()
+        for c in record["candidates"]:
+            assert c["document"] == c["document"].lower()
+            title = " ".join(c["document"].split(" at ")[0].split()[-2:])
+            if c["hidden"]["function_match"] == "same_title" and f"{title}" in record["query"]:
+                checked += 1
+    assert checked > 20
