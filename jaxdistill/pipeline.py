@@ -62,7 +62,6 @@ class EvaluateSpec(_Strict):
     batch_size: int = Field(default=16, ge=1, description="queries per scoring batch")
     k: int = Field(default=10, ge=1)
     poor_grade: int = Field(default=1, ge=0, le=4)
-    throughput_batches: int = Field(default=6, ge=2)
     throughput_queries: int = Field(default=32, ge=1, description="queries per timed call: "
                                     "enough items that per-call overhead does not dominate")
     disagreements: int = Field(default=10, ge=0, description="student-vs-policy pairs shown")
@@ -302,15 +301,11 @@ def label_with_judge(judge: StageOutput, records_dir: Path, out_dir: Path, *,
     "oracle_kappa": the rule oracle's clean grades against the same annotators, "agreement":
     the judge's kappa against the oracle's clean grades on each relabelled split}.
     """
-    from jaxdistill import train
+    from jaxdistill.data.batches import split_batches
     from jaxdistill.data.sources import dataset_info, open_source, write_dataset
-    from jaxdistill.data.tokenizer import load_tokenizer
-    from jaxdistill.models.model import functional
 
-    model_cfg, params = train.load_model(f"run:{judge.path}")
-    model = functional(model_cfg)
     experiment = judge.experiment
-    tokenizer = load_tokenizer(experiment.data.tokenizer)
+    _, params, evaluator = _stage_model(judge, experiment)
     splits, agreement = {}, {}
     info: dict[str, Any] = {"judge": f"{experiment.name} (fine-tuned "
                             f"{experiment.model.backbone.type}, "
@@ -322,10 +317,10 @@ def label_with_judge(judge: StageOutput, records_dir: Path, out_dir: Path, *,
         if split not in (*JUDGE_LABELLED_SPLITS, "golden") or not records:
             continue
         list_size = max(len(r["candidates"]) for r in records)
-        labelling = experiment.model_copy(update={"data": experiment.data.model_copy(
-            update={"list_size": list_size, "batch_size": batch_size, "path": str(records_dir)})})
-        outputs = train.predict(model, params, train.split_dataset(
-            labelling, tokenizer, split, train=False, drop_remainder=False))
+        labelling = _with_data(experiment, list_size=list_size, batch_size=batch_size,
+                               path=str(records_dir))
+        outputs = evaluator.run(params, {}, split_batches(labelling, split, train=False,
+                                                          shard=False)).student
         probs_QxNx5 = _softmax(outputs["grade"].astype(np.float64))
         dims = {d: np.log(np.clip(_softmax(outputs[d].astype(np.float64)), 1e-4, 1.0))
                 for d in judge_lib.DIMENSIONS if d in outputs}
@@ -403,93 +398,69 @@ class Predictions:
         return None if logits is None else _sigmoid(logits)
 
 
-def predict_stage(stage: StageOutput, experiment: config_lib.Experiment,
-                  spec: EvaluateSpec, *, main: bool = False) -> Predictions:
-    """A stage's model over the evaluation splits (every query, through the shared evaluator)
-    and its scoring rate."""
-    import jax
-
-    from jaxdistill import evaluate, loader, parallel
+def _stage_model(stage: StageOutput, experiment: config_lib.Experiment):
+    """(Functional, params, evaluator, mesh, rules) of a finished stage, loaded once."""
+    from jaxdistill import loader, parallel
     from jaxdistill.config import Source
-    from jaxdistill.data.batches import split_batches
     from jaxdistill.evaluator import Evaluator
-    from jaxdistill.models.model import count_params, functional
+    from jaxdistill.models.model import functional
 
-    experiment = experiment.model_copy(update={"data": experiment.data.model_copy(
-        update={"list_size": spec.list_size, "batch_size": spec.batch_size})})
     mesh = parallel.make_mesh(experiment.mesh.shape)
     rules = dict(experiment.mesh.rules)
     model_cfg, params = loader.load_model(Source("run", stage.path), mesh=mesh, rules=rules)
     model = functional(model_cfg)
-    evaluator = Evaluator(model, mesh=mesh, rules=rules)
-    # Every query of a split is scored (the short last batch too). A model without a
-    # relevance head (other than the main student, which is calibrated) needs the test split only.
-    splits = EVAL_SPLITS if "relevance" in model_cfg.heads or main else ("test",)
-    batches = {split: list(split_batches(experiment, split, train=False, shard=False))
-               for split in splits}
+    return model, params, Evaluator(model, mesh=mesh, rules=rules)
+
+
+def _with_data(experiment: config_lib.Experiment, **update) -> config_lib.Experiment:
+    return experiment.model_copy(update={"data": experiment.data.model_copy(update=update)})
+
+
+def predict_stage(stage: StageOutput, experiment: config_lib.Experiment,
+                  spec: EvaluateSpec, *, main: bool = False) -> Predictions:
+    """A stage's model over the evaluation splits: every query, through the shared evaluator
+    (its scoring rate is `measure_items_per_second`'s)."""
+    from jaxdistill.data.batches import split_batches
+    from jaxdistill.models.model import count_params
+
+    experiment = _with_data(experiment, list_size=spec.list_size, batch_size=spec.batch_size)
+    model, params, evaluator = _stage_model(stage, experiment)
+    # A model without a relevance head (other than the main student, which is calibrated)
+    # needs the test split only.
+    splits = EVAL_SPLITS if "relevance" in model.cfg.heads or main else ("test",)
     outputs = {}
     for split in splits:
-        scores = evaluator.run(params, {}, batches[split])
+        scores = evaluator.run(params, {}, split_batches(experiment, split, train=False,
+                                                         shard=False))
         outputs[split] = {**scores.student,
                           **{f"batch/{k}": v for k, v in scores.fields.items()}}
-    # Full test batches, on the device before timing: the rate is the model's, not the host
-    # transfer's.
-    full = [b for b in batches["test"] if len(b["input_ids"]) == spec.batch_size]
-    forward = jax.jit(evaluator.predict_fns()["student"])
-    inputs = [jax.device_put({k: v for k, v in b.items() if k != "batch_malformed"})
-              for b in full[:spec.throughput_batches]]
-    items = [int(np.prod(b["input_ids"].shape[:-1])) for b in inputs]
-
-    def score(batch):
-        return jax.block_until_ready(forward(params, batch))
-
-    # Best of three passes: on a shared CPU, one pass can land on someone else's busy second.
-    rate = max(evaluate.measure_throughput(score, inputs, warmup=2 if i == 0 else 0,
-                                           items_per_batch=items) for i in range(3))
-    return Predictions(stage.name, count_params(params), outputs, rate)
-
-
-def _golden_dimensions(data: StageOutput, rows: int, list_size: int) -> dict[str, np.ndarray]:
-    """Per-dimension oracle grades of the golden set, [Q, N] in the pipeline's order."""
-    from jaxdistill.data.sources import open_source
-
-    source = open_source(data.path / "records", "golden")
-    dims: dict[str, np.ndarray] = {d: np.zeros((rows, list_size), np.int64)
-                                   for d in judge_lib.DIMENSIONS}
-    for q in range(rows):
-        for n, candidate in enumerate(source[q]["candidates"][:list_size]):
-            for d, g in candidate["hidden"]["dimension_grades"].items():
-                dims[d][q, n] = g
-    return dims
+    return Predictions(stage.name, count_params(params), outputs, float("nan"))
 
 
 def measure_items_per_second(stage: StageOutput, experiment: config_lib.Experiment,
                              spec: EvaluateSpec) -> tuple[float, float]:
     """(items/s, forward FLOPs per item) of a stage's model scoring `spec.throughput_queries`
-    test queries per call (device-resident inputs, best of two timed calls)."""
+    test queries per call (the evaluator's forward on device-resident inputs, best of two)."""
     import jax
 
-    from jaxdistill import evaluate, train
-    from jaxdistill.data.tokenizer import load_tokenizer
-    from jaxdistill.models.model import count_params, functional
+    from jaxdistill import evaluate
+    from jaxdistill.data.batches import split_batches
+    from jaxdistill.models.model import count_params
 
-    model_cfg, params = train.load_model(f"run:{stage.path}")
-    model = functional(model_cfg)
-    experiment = experiment.model_copy(update={"data": experiment.data.model_copy(
-        update={"list_size": spec.list_size, "batch_size": spec.throughput_queries})})
-    tokenizer = load_tokenizer(experiment.data.tokenizer)
-    batch = next(iter(train.split_dataset(experiment, tokenizer, "test", train=False,
-                                          drop_remainder=False)))
-    inputs = jax.device_put({k: v for k, v in batch.items() if k in train.MODEL_INPUTS})
+    experiment = _with_data(experiment, list_size=spec.list_size,
+                            batch_size=spec.throughput_queries)
+    model, params, evaluator = _stage_model(stage, experiment)
+    batch = next(iter(split_batches(experiment, "test", train=False, shard=False)))
+    inputs = jax.device_put({k: v for k, v in batch.items() if k != "batch_malformed"})
     items = int(np.prod(batch["input_ids"].shape[:-1]))
-    apply = model.jit_apply
+    forward = jax.jit(evaluator.predict_fns()["student"])
 
     def score(batch):
-        return jax.block_until_ready(apply(params, batch))
+        return jax.block_until_ready(forward(params, batch))
 
     rate = max(evaluate.measure_throughput(score, [inputs], warmup=1 if i == 0 else 0,
                                            items_per_batch=[items]) for i in range(2))
-    backbone = model_cfg.backbone
+    backbone = model.cfg.backbone
     width = backbone.heads * getattr(backbone, "head_dim", backbone.hidden // backbone.heads)
     flops = evaluate.forward_flops_per_item(count_params(params, exclude_embeddings=True),
                                             backbone.layers, width, experiment.data.max_len)
