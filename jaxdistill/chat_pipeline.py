@@ -30,7 +30,7 @@ from pydantic import Field
 from jaxdistill import config as config_lib
 from jaxdistill.pipeline import StageOutput, _done, _json_number, _mark_done, _Strict, digest
 
-DATA_FORMAT_VERSION = 1  # bump when the world's records change shape
+DATA_FORMAT_VERSION = 2  # bump when the world's records change shape
 EVALUATION_VERSION = 1  # bump when evaluation changes what it measures
 DATASETS = ("chat", "tone_labels")
 

@@ -230,4 +230,4 @@ def texts(splits: dict[str, list[dict[str, Any]]], world: list[Fact]) -> list[st
            for m in r["messages"]]
     out += [r["text"] for r in splits["tone_labels"]]
     out += [" ".join(f.questions) + " " + " ".join(f.pool) for f in world]
-    return out + ["user assistant"]
+    return out + ["user: assistant:"]  # the chat template's role headers
