@@ -31,8 +31,8 @@ from jaxdistill import config as config_lib
 from jaxdistill.pipeline import StageOutput, _done, _json_number, _mark_done, _Strict, digest
 
 DATA_FORMAT_VERSION = 2  # bump when the world's records change shape
-EVALUATION_VERSION = 1  # bump when evaluation changes what it measures
-DATASETS = ("chat", "tone_labels")
+EVALUATION_VERSION = 2  # bump when evaluation changes what it measures
+CHAT_SCORES_PNG = "chat_scores.png"
 
 
 class ChatStageSpec(_Strict):
@@ -361,6 +361,14 @@ def evaluate_models(cfg: ChatPipelineConfig, data: StageOutput, stages: Mapping[
         out, headline=headline, models_table=rows, curves=curves, calibration={},
         kappa_by_dimension={}, targets=targets,
         title="Support chat: accuracy + tone teachers, one student")
+    # The shared report plots job-search metrics; the chat scores get their own figure.
+    report._plot_models(rows, ["accuracy", "tone_score", "combined"], out / CHAT_SCORES_PNG)
+    with report_path.open("a") as md:
+        md.write(f"\n## Accuracy and tone\n\n![Accuracy, tone score, combined]({CHAT_SCORES_PNG})"
+                 f"\n\nAccuracy: the fact's value in the greedy reply to a held-out question; "
+                 f"tone score: the tone classifier's mean p(polite); combined: their mean. "
+                 f"KL: token-mean forward KL(teacher || model) on held-out reference replies. "
+                 f"Replies are in samples.json.\n")
     (out / "samples.json").write_text(json.dumps(samples, indent=1))
     summary = {"headline": headline, "models": rows, "targets": targets,
                "report": str(report_path)}

@@ -104,3 +104,17 @@ def test_tiny_pipeline_runs_caches_and_reruns_only_what_reads_the_tone_teacher(t
     edited = chat_pipeline.run(configs / "pipeline.yaml", "tiny", workdir)
     rerun = {name for name, s in edited["stages"].items() if not s["cached"]}
     assert rerun == {"tone_teacher", "student", "student_tone_only", "evaluation"}
+
+
+def test_cli_pipeline_dispatches_chat_configs(monkeypatch, tmp_path):
+    from jaxdistill import cli, pipeline
+
+    calls = []
+    monkeypatch.setattr(chat_pipeline, "main", lambda *a, **k: calls.append(("chat", a, k)) or 0)
+    monkeypatch.setattr(pipeline, "main", lambda *a, **k: calls.append(("job", a, k)) or 0)
+    job = tmp_path / "job.yaml"
+    job.write_text("name: x\n")
+    assert cli.main(["pipeline", str(CONFIGS / "pipeline.yaml"), "--preset", "tiny"]) == 0
+    assert cli.main(["pipeline", str(job)]) == 0
+    assert calls == [("chat", (str(CONFIGS / "pipeline.yaml"),), {"preset": "tiny"}),
+                     ("job", (str(job),), {})]
