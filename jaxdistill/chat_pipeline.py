@@ -341,7 +341,7 @@ def evaluate_models(cfg: ChatPipelineConfig, data: StageOutput, stages: Mapping[
                          for r, reply, c, p in zip(records, replies, correct, polite)]
     by_name = {row["model"]: row for row in rows}
     main = by_name[cfg.main_student]
-    singles = [n for n in by_name if n != cfg.main_student and cfg.stages[n].teachers]
+    singles = [n for n in by_name if len(cfg.stages[n].teachers) == 1]
     targets = [{"name": f"combined score: {cfg.main_student} vs {single}",
                 "value": main["combined"], "target": f"> {by_name[single]['combined']:.4g}",
                 "met": main["combined"] > by_name[single]["combined"],

@@ -73,7 +73,7 @@ def test_pipeline_refuses_unknown_teacher_stage(tmp_path):
         chat_pipeline.load_chat_pipeline(tmp_path / "pipeline.yaml")
 
 
-@pytest.mark.slow  # trains six tiny models twice over (about 2-3 minutes on 2 cores)
+@pytest.mark.slow  # trains seven tiny models, four of them twice (about 2-3 minutes on 2 cores)
 def test_tiny_pipeline_runs_caches_and_reruns_only_what_reads_the_tone_teacher(tmp_path):
     configs = tmp_path / "configs"
     shutil.copytree(CONFIGS, configs)
@@ -82,13 +82,15 @@ def test_tiny_pipeline_runs_caches_and_reruns_only_what_reads_the_tone_teacher(t
     stages = first["stages"]
     assert not any(s["cached"] for s in stages.values())
     for name in ("accuracy_teacher", "tone_teacher", "tone_classifier", "student",
-                 "student_accuracy_only", "student_tone_only"):
+                 "student_accuracy_only", "student_tone_only", "student_split"):
         assert json.loads((Path(stages[name]["path"]) / "DONE.json").read_text())["step"] == 3
     report = Path(first["report"])
     assert report.is_file() and "student_tone_only" in report.read_text()
     rows = {row["model"]: row for row in first["models"]}
     assert set(rows) == {"accuracy_teacher", "tone_teacher", "student", "student_accuracy_only",
-                         "student_tone_only"}
+                         "student_tone_only", "student_split"}
+    assert [t["name"].split(" vs ")[1] for t in first["targets"]] == [
+        "student_accuracy_only", "student_tone_only"]
     for row in rows.values():
         assert 0 <= row["accuracy"] <= 1 and 0 < row["tone_score"] < 1
         assert row["tokens_per_second"] > 0
@@ -103,7 +105,8 @@ def test_tiny_pipeline_runs_caches_and_reruns_only_what_reads_the_tone_teacher(t
     tone.write_text(tone.read_text() + "optimizer: {learning_rate: 4.0e-3}\n")
     edited = chat_pipeline.run(configs / "pipeline.yaml", "tiny", workdir)
     rerun = {name for name, s in edited["stages"].items() if not s["cached"]}
-    assert rerun == {"tone_teacher", "student", "student_tone_only", "evaluation"}
+    assert rerun == {"tone_teacher", "student", "student_tone_only", "student_split",
+                     "evaluation"}
 
 
 def test_cli_pipeline_dispatches_chat_configs(monkeypatch, tmp_path):

@@ -184,21 +184,24 @@ class EncodeRecords(grain.transforms.Map):
                 for teacher, shapes in self.offline_shapes.items()}
 
 
-CHAT_MASKS = ("loss_mask", "answer_mask", "next_loss_mask", "next_answer_mask")
+CHAT_MASKS = ("loss_mask", "answer_mask", "next_loss_mask", "next_answer_mask",
+              "next_style_mask")
 
 
 def _chat_masks(aux_xT: np.ndarray) -> dict[str, np.ndarray]:
     """A chat row's masks from its token aux bits (see `tokens`): `loss_mask` (bit 0),
     `answer_mask` (bit 1), and each shifted left by one (`next_*`, as
     `losses.next_token_mask`): the positions whose next token is a response / answer token,
-    the mask a token-level term reads."""
+    the mask a token-level term reads; `next_style_mask`: response tokens outside the answer
+    span (a register teacher that should not vote on the facts)."""
     loss_xT, answer_xT = aux_xT & 1, (aux_xT >> 1) & 1
 
     def shifted(mask_xT):
         return np.concatenate([mask_xT[..., 1:], np.zeros_like(mask_xT[..., :1])], axis=-1)
 
     return {"loss_mask": loss_xT, "answer_mask": answer_xT, "next_loss_mask": shifted(loss_xT),
-            "next_answer_mask": shifted(answer_xT)}
+            "next_answer_mask": shifted(answer_xT),
+            "next_style_mask": shifted(loss_xT * (1 - answer_xT))}
 
 
 class _SkipMalformedIterator(grain.DatasetIterator):
@@ -305,7 +308,8 @@ def make_dataset(
     - chat: `input_ids`, `attention_mask`, `loss_mask` (1 on assistant tokens, including the
       end-of-message token), `answer_mask` (1 on the tokens of assistant messages' `answer`
       spans), `next_loss_mask` / `next_answer_mask` (each shifted left by one: the positions
-      predicting such a token, what a token-level term's `mask` names) int32 [B, T]; with `pack=True` also `segment_ids` (1, 2, ... per
+      predicting such a token, what a token-level term's `mask` names), `next_style_mask`
+      (`next_loss_mask` outside the answer span) int32 [B, T]; with `pack=True` also `segment_ids` (1, 2, ... per
       packed conversation, 0 on padding) and `positions` [B, T].
     - every kind but packed chat: `record_index` int32 [B], the record's index in its split
       (map predictions back to records and their ids).
