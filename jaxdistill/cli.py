@@ -330,7 +330,11 @@ def cmd_plan(args) -> None:
 
 def cmd_pipeline(args) -> None:
     try:
-        module = importlib.import_module("jaxdistill.pipeline")
+        from jaxdistill.config import read_yaml
+
+        chat = read_yaml(args.config).get("kind") == "chat"  # the chat recipe
+        module = importlib.import_module("jaxdistill.chat_pipeline" if chat
+                                         else "jaxdistill.pipeline")
     except ModuleNotFoundError as error:
         if error.name != "jaxdistill.pipeline":
             raise

@@ -108,8 +108,10 @@ class Evaluator:
                 _, metrics = compute_objective(self.terms, student_out, teacher_out, batch, step)
                 metrics.update(term_metrics(self.terms, metrics, student_out, teacher_out, batch))
         fields = {k: v for k, v in batch.items() if k not in TOKEN_INPUTS and k != "tokens"}
+        # An lm head's (hidden, unembedding) pair is not per-row: it stays on the device.
         return ({k: v for k, v in student_out.items() if not isinstance(v, tuple)},
-                {t: {h: teacher_out[t][h] for h in sorted(heads)}
+                {t: {h: teacher_out[t][h] for h in sorted(heads)
+                     if not isinstance(teacher_out[t][h], tuple)}
                  for t, heads in self._teacher_heads.items()},
                 fields, metrics)
 

@@ -133,12 +133,12 @@ class EncodeRecords(grain.transforms.Map):
                                    self.list_size if self.kind == "listwise" else None)
 
     def _chat_inputs(self, rows: list[tokens.Row], pad_id: int) -> dict[str, np.ndarray]:
-        ((ids, loss),) = rows
+        ((ids, aux),) = rows
         if not self.pad_to_max_len:  # packing pads later
-            return {"input_ids": ids, "loss_mask": loss.astype(np.int32)}
+            return {"input_ids": ids, **_chat_masks(aux.astype(np.int32))}
         arrays = tokens.token_arrays(rows, pad_id, self.max_len)
         return {"input_ids": arrays["input_ids"], "attention_mask": arrays["attention_mask"],
-                "loss_mask": arrays["token_type_ids"]}
+                **_chat_masks(arrays["token_type_ids"])}
 
     def _labels(self, record: Mapping[str, Any]) -> dict[str, Any]:
         if self.kind == "text":
@@ -182,6 +182,26 @@ class EncodeRecords(grain.transforms.Map):
         return {teacher: {output: np.asarray(offline[teacher][output], np.float32)
                           for output in shapes}
                 for teacher, shapes in self.offline_shapes.items()}
+
+
+CHAT_MASKS = ("loss_mask", "answer_mask", "next_loss_mask", "next_answer_mask",
+              "next_style_mask")
+
+
+def _chat_masks(aux_xT: np.ndarray) -> dict[str, np.ndarray]:
+    """A chat row's masks from its token aux bits (see `tokens`): `loss_mask` (bit 0),
+    `answer_mask` (bit 1), and each shifted left by one (`next_*`, as
+    `losses.next_token_mask`): the positions whose next token is a response / answer token,
+    the mask a token-level term reads; `next_style_mask`: response tokens outside the answer
+    span (a register teacher that should not vote on the facts)."""
+    loss_xT, answer_xT = aux_xT & 1, (aux_xT >> 1) & 1
+
+    def shifted(mask_xT):
+        return np.concatenate([mask_xT[..., 1:], np.zeros_like(mask_xT[..., :1])], axis=-1)
+
+    return {"loss_mask": loss_xT, "answer_mask": answer_xT, "next_loss_mask": shifted(loss_xT),
+            "next_answer_mask": shifted(answer_xT),
+            "next_style_mask": shifted(loss_xT * (1 - answer_xT))}
 
 
 class _SkipMalformedIterator(grain.DatasetIterator):
@@ -286,7 +306,10 @@ def make_dataset(
       int label (class ids, 0/1 flags), float32 for a float one, 0 where absent, and
       `label_mask/L` float32 [B] (0 where the record lacks that label).
     - chat: `input_ids`, `attention_mask`, `loss_mask` (1 on assistant tokens, including the
-      end-of-message token) int32 [B, T]; with `pack=True` also `segment_ids` (1, 2, ... per
+      end-of-message token), `answer_mask` (1 on the tokens of assistant messages' `answer`
+      spans), `next_loss_mask` / `next_answer_mask` (each shifted left by one: the positions
+      predicting such a token, what a token-level term's `mask` names), `next_style_mask`
+      (`next_loss_mask` outside the answer span) int32 [B, T]; with `pack=True` also `segment_ids` (1, 2, ... per
       packed conversation, 0 on padding) and `positions` [B, T].
     - every kind but packed chat: `record_index` int32 [B], the record's index in its split
       (map predictions back to records and their ids).
@@ -361,9 +384,10 @@ def make_dataset(
         iter_dataset = SkipMalformed(iter_dataset)
     if pack:
         iter_dataset = grain.experimental.FirstFitPackIterDataset(
-            iter_dataset, length_struct={"input_ids": max_len, "loss_mask": max_len},
+            iter_dataset, length_struct={"input_ids": max_len,
+                                         **{mask: max_len for mask in CHAT_MASKS}},
             num_packing_bins=batch_size, seed=seed, shuffle_bins=shuffle,
-            meta_features=("loss_mask", "malformed") if skip_malformed else ("loss_mask",))
+            meta_features=(*CHAT_MASKS, "malformed") if skip_malformed else CHAT_MASKS)
         iter_dataset = iter_dataset.map(_finish_packed)
     iter_dataset = iter_dataset.batch(batch_size, drop_remainder=drop_remainder)
     iter_dataset = iter_dataset.map(_finish_batch)
@@ -395,7 +419,7 @@ def batch_keys(kind: str, *, label_types: Mapping[str, str] | None = None,
     """The top-level keys of `kind`'s batches (see `make_dataset`), for start-up checks of
     the keys a config reads; `offline` and `tokens` come with the data and tokenizers."""
     if kind == "chat":
-        keys = {"input_ids", "attention_mask", "loss_mask"}
+        keys = {"input_ids", "attention_mask", *CHAT_MASKS}
         keys |= {"segment_ids", "positions"} if pack else {"record_index"}
     elif kind == "text":
         keys = {"input_ids", "attention_mask", "token_type_ids", "record_index"}

@@ -89,6 +89,8 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
                 Field("messages", "list[message]", True, "at least one message"),
                 Field("messages[].role", "str", True, f"one of {', '.join(CHAT_ROLES)}"),
                 Field("messages[].content", "str", True, "message text; non-empty"),
+                Field("messages[].answer", "str", False, "assistant messages: the substring of "
+                      "`content` that states the answer (the batch's `answer_mask`)"),
         ),
         "text": (
                 Field("id", "str or int", False, "the caller's id of the record (the batch's "
@@ -200,6 +202,11 @@ def validate_record(kind: str, record: Any, *, source: str, index: int) -> None:
             if message["role"] not in CHAT_ROLES:
                 check.fail(f"{path}.role", f"one of {', '.join(CHAT_ROLES)}", message["role"])
             check.text(message, "content", f"{path}.content")
+            if "answer" in message:
+                check.text(message, "answer", f"{path}.answer")
+                if message["role"] != "assistant" or message["answer"] not in message["content"]:
+                    check.fail(f"{path}.answer", "a substring of an assistant message's content",
+                               message["answer"])
         return
     if kind == "text":
         if "id" in record and (isinstance(record["id"], bool)

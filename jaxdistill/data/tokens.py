@@ -3,7 +3,8 @@
 
 A record encodes to rows, one per sequence a model reads (pointwise / impressions / text: one;
 listwise: one per candidate; chat: one). A row is `ids` int32 (unpadded, truncated to
-max_len) and `aux` uint8 of the same length: token_type_ids for pairs, loss_mask for chat.
+max_len) and `aux` uint8 of the same length: token_type_ids for pairs; for chat, bit 0 is the
+loss mask and bit 1 the answer mask (the `answer` span of an assistant message).
 Stored rows decode with `np.frombuffer`, no JSON and no tokenizer on the read path.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 # Bump when the text layout below changes: stored ids of an older layout are then not used.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2
 PAIR_KINDS = ("pointwise", "impressions", "listwise", "text")
 
 Row = tuple[np.ndarray, np.ndarray]
@@ -60,7 +61,7 @@ def _encode_chat(messages: Sequence[Mapping[str, str]], tokenizer, max_len: int,
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     # Train on each assistant message from its content to the end of its rendered span (so
     # the end-of-message token is learned), not on the template's role header.
-    trained_spans, span_start = [], 0
+    trained_spans, answer_spans, span_start = [], [], 0
     for i, message in enumerate(messages):
         prefix = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not text.startswith(prefix):
@@ -70,12 +71,17 @@ def _encode_chat(messages: Sequence[Mapping[str, str]], tokenizer, max_len: int,
         if message["role"] == "assistant":
             content_start = text.find(message["content"], span_start, len(prefix))
             trained_spans.append((max(content_start, span_start), len(prefix)))
+            if message.get("answer"):
+                answer_start = text.find(message["answer"], max(content_start, span_start),
+                                         len(prefix))
+                answer_spans.append((answer_start, answer_start + len(message["answer"])))
         span_start = len(prefix)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
                          truncation=True, max_length=max_len)
-    loss = [int(any(lo <= start < hi for lo, hi in trained_spans))
-            for start, _ in encoding["offset_mapping"]]
-    return np.asarray(encoding["input_ids"], np.int32), np.asarray(loss, np.uint8)
+    aux = [int(any(lo <= start < hi for lo, hi in trained_spans))
+           | 2 * int(any(lo <= start < hi for lo, hi in answer_spans))
+           for start, _ in encoding["offset_mapping"]]
+    return np.asarray(encoding["input_ids"], np.int32), np.asarray(aux, np.uint8)
 
 
 def pack_rows(rows: Sequence[Row]) -> bytes:

@@ -664,6 +664,40 @@ def chunked_token_kl(student_hidden_BxTxD, student_unembed_DxV, teacher_hidden_B
     return total * temperature**2 / jnp.maximum(jnp.sum(weight_BxT), 1.0)
 
 
+def token_cross_entropy(student_hidden_BxTxD, student_unembed_DxV, input_ids_BxT, mask_BxT=None,
+                        *, chunk_size=128):
+    """Next-token cross-entropy of an `lm` head against the sequence itself (teacher forcing),
+    never materialising [B, T, V].
+
+    input_ids_BxT: the batch's token ids; position t is scored on token t+1 (the last
+    position predicts nothing). mask_BxT marks positions, as for `chunked_token_kl`: the
+    response's `next_token_mask(loss_mask)`; other non-negative values weigh positions.
+    Mean over valid positions, logits one [B, chunk_size, V] block at a time.
+    """
+    loss = "token_cross_entropy"
+    _check_chunk_size(loss, chunk_size)
+    student_hidden_BxTxD, student_unembed_DxV = _check_token_pair(
+        loss, student_hidden_BxTxD, student_unembed_DxV, "student")
+    input_ids_BxT = jnp.asarray(input_ids_BxT)
+    batch, seq_len = student_hidden_BxTxD.shape[:2]
+    if input_ids_BxT.shape != (batch, seq_len) or not jnp.issubdtype(input_ids_BxT.dtype,
+                                                                       jnp.integer):
+        raise ValueError(f"{loss}: input_ids must be integer ids [B, T] = {(batch, seq_len)} "
+                         f"(the hidden states'), got {input_ids_BxT.dtype} "
+                         f"{tuple(input_ids_BxT.shape)}")
+    weight_BxT = _token_weights(loss, mask_BxT, batch, seq_len)
+    next_ids_BxT = jnp.pad(input_ids_BxT[:, 1:], ((0, 0), (0, 1)))
+    weight_BxT = weight_BxT.at[:, -1].set(0.0)
+
+    def token_nll(hidden_BxCxD, ids_BxC, unembed_DxV):
+        log_p_BxCxV = jax.nn.log_softmax(_chunk_logits(hidden_BxCxD, unembed_DxV), axis=-1)
+        return -jnp.take_along_axis(log_p_BxCxV, ids_BxC[..., None], axis=-1)[..., 0]
+
+    total = _chunked_token_sum(token_nll, (student_hidden_BxTxD, next_ids_BxT), weight_BxT,
+                               (student_unembed_DxV,), chunk_size)
+    return total / jnp.maximum(jnp.sum(weight_BxT), 1.0)
+
+
 def next_token_mask(loss_mask_BxT):
     """Positions whose next token is a response token: loss_mask shifted left by one.
 
@@ -888,7 +922,8 @@ class Loss:
     (same side of the binary decision threshold), "top1" (same top candidate), or None
     (no decision to agree on: hidden states, tokens).
     teacher (token level only): what the teacher side is -- "lm", a live (hidden, unembedding)
-    pair, or "topk", a cached `topk_teacher` dict. cross_vocab: whether student and teacher
+    pair, or "topk", a cached `topk_teacher` dict; None for a label loss (`token_ce`: the
+    batch's own ids). cross_vocab: whether student and teacher
     may have different vocabularies (the same-vocabulary losses refuse a mismatch).
     """
 
@@ -919,6 +954,7 @@ LOSSES: dict[str, Loss] = {
     "hidden_mse": Loss(hidden_mse, "row", None),
     "hidden_cosine": Loss(hidden_cosine, "row", None),
     "cross_entropy": Loss(cross_entropy, "row", "label"),
+    "token_ce": Loss(token_cross_entropy, "token", None),
     "token_kl": Loss(chunked_token_kl, "token", None, teacher="lm"),
     "sparse_token_kl": Loss(sparse_token_kl, "token", None, teacher="topk"),
     "uld": Loss(uld_token_loss, "token", None, teacher="lm", cross_vocab=True),

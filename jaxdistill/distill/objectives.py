@@ -94,9 +94,10 @@ class Term(BaseModel):
             raise ValueError(f"term {self.name!r}: confidence_label weights rows; loss "
                              f"{self.loss!r} compares whole lists or sequences")
         loss = losses.LOSSES[self.loss]
-        if loss.level == "token" and self.teacher is None:
+        if loss.level == "token" and (self.teacher is None) != (loss.teacher is None):
+            wanted, other = ("teacher", "label") if loss.teacher else ("label", "teacher")
             raise ValueError(f"term {self.name!r}: loss {self.loss!r} is token-level and "
-                             f"compares with a teacher; set 'teacher', not 'label'")
+                             f"reads a {wanted}; set {wanted!r}, not {other!r}")
         if (self.route is None) != (self.route_id is None):
             raise ValueError(f"term {self.name!r}: set both 'route' and 'route_id' or neither, "
                              f"got route={self.route!r}, route_id={self.route_id!r}")
@@ -212,6 +213,8 @@ def _token_term(term: Term, loss: losses.Loss, student, target, mask, batch) -> 
                                       s_hidden_BxTxD.shape[:2]).astype(jnp.float32)
         mask = routed_BxT if mask is None else jnp.asarray(mask, jnp.float32) * routed_BxT
     hparams = dict(term.hparams)
+    if loss.teacher is None:  # a label loss over the batch's own tokens
+        return loss(s_hidden_BxTxD, s_unembed_DxV, target, mask, **hparams)
     if term.teacher_mask is not None:
         hparams["teacher_mask_BxS"] = _lookup(batch, term.teacher_mask, term.name)
     if loss.teacher == "topk":

@@ -145,7 +145,7 @@ def chat_records(n):
 def test_chat_loss_mask_covers_assistant_tokens(tokenizer):
     batch = next(iter(make(chat_records(2), tokenizer, kind="chat", max_len=24, batch_size=2,
                            shuffle=False)))
-    assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "record_index"}
+    assert set(batch) == {"input_ids", "attention_mask", *pipeline.CHAT_MASKS, "record_index"}
     assert set(batch) == pipeline.batch_keys("chat")
     trained = tokenizer.convert_ids_to_tokens(batch["input_ids"][0][batch["loss_mask"][0] == 1])
     assert trained == ["Yes", "here", "is", "your", "answer", "[EOS]"]
@@ -158,8 +158,8 @@ def test_packing_segments_and_loss_mask(tokenizer):
     packed = list(make(records, tokenizer, kind="chat", max_len=40, batch_size=2, shuffle=False,
                        pack=True, skip_malformed=True, drop_remainder=False))
     batch = packed[0]
-    assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "segment_ids", "positions",
-                          "batch_malformed"}
+    assert set(batch) == {"input_ids", "attention_mask", *pipeline.CHAT_MASKS, "segment_ids",
+                          "positions", "batch_malformed"}
     assert set(batch) == pipeline.batch_keys("chat", pack=True, skip_malformed=True)
     row = batch["segment_ids"][0]
     assert row.max() >= 2  # two conversations share the row

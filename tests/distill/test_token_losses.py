@@ -210,7 +210,7 @@ def test_token_term_validation():
         Term(name="a", loss="token_kl", student="lm", teacher="acc", route="teacher_route")
     with pytest.raises(ValueError, match="'route' selects examples of a token-level loss"):
         Term(name="a", loss="forward_kl", student="rel", teacher="acc", route="r", route_id=0)
-    with pytest.raises(ValueError, match="token-level and compares with a teacher"):
+    with pytest.raises(ValueError, match="token-level and reads a teacher"):
         Term(name="a", loss="token_kl", student="lm", label="input_ids")
     with pytest.raises(ValueError, match="'teacher_mask' is for cross-vocabulary losses"):
         Term(name="a", loss="token_kl", student="lm", teacher="acc", teacher_mask="t_mask")
@@ -249,3 +249,28 @@ def test_gradients_reach_the_student_only_in_its_dtypes():
     assert np.all(np.asarray(g_th) == 0) and np.all(np.asarray(g_tu) == 0)  # frozen teacher
     assert b_sh.dtype == jnp.bfloat16 and b_su.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(b_su, np.float32), g_su, rtol=0.1, atol=2e-3)
+
+
+def test_token_cross_entropy_matches_shifted_dense_nll():
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(2, 7, 8)), jnp.float32)
+    unembed = jnp.asarray(rng.normal(size=(8, 11)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 11, size=(2, 7)), jnp.int32)
+    loss_mask = jnp.asarray([[0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1]], jnp.float32)
+    mask = L.next_token_mask(loss_mask)
+    log_p = jax.nn.log_softmax(hidden @ unembed, axis=-1)
+    nll = -np.take_along_axis(np.asarray(log_p[:, :-1]), np.asarray(ids[:, 1:, None]), -1)[..., 0]
+    expected = np.sum(nll * np.asarray(mask[:, :-1])) / np.sum(np.asarray(mask))
+    value = L.token_cross_entropy(hidden, unembed, ids, mask, chunk_size=3)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    grad = jax.grad(lambda h: L.token_cross_entropy(h, unembed, ids, mask, chunk_size=3))(hidden)
+    dense = jax.grad(lambda h: jnp.sum(-jnp.take_along_axis(
+        jax.nn.log_softmax(h @ unembed, -1)[:, :-1], ids[:, 1:, None], -1)[..., 0]
+        * mask[:, :-1]) / jnp.sum(mask))(hidden)
+    np.testing.assert_allclose(grad, dense, rtol=1e-4, atol=1e-6)
+    term = Term(name="lm", loss="token_ce", student="lm", label="input_ids", mask="m")
+    total, _ = compute_objective((term,), {"lm": (hidden, unembed)}, {},
+                                 {"input_ids": ids, "m": mask}, jnp.asarray(0))
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="token-level and reads a label"):
+        Term(name="lm", loss="token_ce", student="lm", teacher="t")
