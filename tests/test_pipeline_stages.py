@@ -26,7 +26,7 @@ def tiny_pipeline(tmp_path: Path) -> Path:
     spec["stages"] = {k: spec["stages"][k]
                       for k in ("relevance_teacher", "engagement_teacher", "student")}
     spec["tokenizer_vocab_size"] = 200
-    spec["evaluate"] = {"list_size": 4, "batch_size": 3, "throughput_batches": 2}
+    spec["evaluate"] = {"list_size": 4, "batch_size": 3, "throughput_queries": 2}
     spec["presets"] = {"tiny": {
         "workload": {"preset": "laptop", "n_members": 120, "n_jobs": 120, "train_queries": 24,
                      "validation_queries": 4, "test_queries": 4, "golden_queries": 4,
