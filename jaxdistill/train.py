@@ -182,15 +182,16 @@ def _storage_error(code: int, path, checkpointer: Checkpointer | None) -> RunSto
                                  "space or fix permissions, then rerun to resume")
 
 
-def config_differences(saved_yaml: str, current_yaml: str) -> list[str]:
-    """`key: checkpoint X, now Y` for each resolved-config key that differs, but those in
-    `RESUMABLE_KEYS`."""
+def config_differences(saved_yaml: str, current_yaml: str, *,
+                       ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: checkpoint X, now Y` for each resolved-config key that differs (list items by
+    index, `objective.1.name`), but those in `RESUMABLE_KEYS` and under an `ignore` prefix."""
     import yaml
 
     def flat(value, prefix=""):
-        if isinstance(value, dict):
+        if isinstance(value, dict | list) and value:
             out = {}
-            for k, v in value.items():
+            for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
                 out.update(flat(v, f"{prefix}{k}."))
             return out
         return {prefix[:-1]: value}
@@ -199,7 +200,7 @@ def config_differences(saved_yaml: str, current_yaml: str) -> list[str]:
     missing = object()
     lines = []
     for key in sorted(saved.keys() | current.keys()):
-        if key in RESUMABLE_KEYS:
+        if key in RESUMABLE_KEYS or any(key == p or key.startswith(f"{p}.") for p in ignore):
             continue
         a, b = saved.get(key, missing), current.get(key, missing)
         if a != b:
@@ -220,7 +221,11 @@ def _check_resumable(checkpointer: Checkpointer, step: int, meta: dict[str, Any]
     for line in differences:
         log.warning("resuming with changed teachers (forced): %s", line)
     saved_yaml = meta.get("config_yaml") or ""
-    changed = config_differences(saved_yaml, checkpointer.config_yaml) if saved_yaml else []
+    # Forcing other teachers (checked by their manifest above) lets their config through, and
+    # the objective terms that read them.
+    ignore = ("teachers", "objective") if force_teachers else ()
+    changed = (config_differences(saved_yaml, checkpointer.config_yaml, ignore=ignore)
+               if saved_yaml else [])
     if changed and not force_config:
         raise ConfigMismatchError(
             f"{where}: the checkpoint was trained with another config; refusing to resume (only "
@@ -233,8 +238,9 @@ def _check_resumable(checkpointer: Checkpointer, step: int, meta: dict[str, Any]
 def _restore(checkpointer: Checkpointer, targets, *, resume: bool, force_teachers: bool,
              force_config: bool, from_step: int | None):
     """(step, state, iterator state) of the checkpoint to resume from, or None for a fresh
-    run. Steps that fail to restore are named and set aside, newest first, until one restores;
-    with `from_step`, that step or an error."""
+    run: the newest step that restores (those that fail are named), or `from_step`. The steps
+    after it are set aside (they would block the new saves at those steps); when none restores,
+    nothing is moved."""
     steps = checkpointer.all_steps()
     if steps and not resume:
         raise FileExistsError(f"{checkpointer.directory} already holds checkpoints (latest step "
@@ -246,7 +252,7 @@ def _restore(checkpointer: Checkpointer, targets, *, resume: bool, force_teacher
         candidates = [from_step]
     else:
         candidates = steps[::-1]
-    failures = []
+    failures: dict[int, str] = {}
     for step in candidates:
         try:
             meta = checkpointer.read_meta(step)
@@ -256,21 +262,22 @@ def _restore(checkpointer: Checkpointer, targets, *, resume: bool, force_teacher
         except CheckpointError as err:
             if from_step is not None:
                 raise
-            failures.append(str(err))
-            if jax.process_index() == 0:
-                checkpointer.set_aside(step, f"failed to restore: {err}")
+            failures[step] = str(err)
             continue
         if failures:
             log.warning("resuming from step %d, the newest checkpoint that restores; skipped:\n  "
-                        "%s", step, "\n  ".join(failures))
-        later = [s for s in checkpointer.all_steps() if s > step]
-        if later and jax.process_index() == 0:
-            for s in later:  # they would block the new run's saves at those steps
-                checkpointer.set_aside(s, f"superseded: the run resumed from step {step}")
+                        "%s", step, "\n  ".join(failures.values()))
+        if jax.process_index() == 0:
+            for later in (s for s in checkpointer.all_steps() if s > step):
+                checkpointer.set_aside(later, f"failed to restore: {failures[later]}"
+                                       if later in failures else
+                                       f"superseded: the run resumed from step {step}")
         return step, state, saved_iterator
     if failures:
-        raise CheckpointError(f"{checkpointer.directory}: no checkpoint restores (each was "
-                              "set aside):\n  " + "\n  ".join(failures))
+        raise CheckpointError(f"{checkpointer.directory}: no checkpoint restores (each error "
+                              "below; repair or remove those steps, or use a fresh --run-dir):"
+                              "\n  "
+                              + "\n  ".join(failures.values()))
     return None
 
 
