@@ -116,6 +116,7 @@ def test_resume_with_a_changed_config_is_refused_listing_each_key(base, tmp_path
 # ------------------------------------------------- 3. unreadable checkpoints, the run falls back
 
 
+@pytest.mark.slow  # ~15-20 s on 2 cores: trains two steps again from step 2 (one compile)
 def test_a_truncated_latest_step_is_named_and_the_run_resumes_from_the_one_before(
         base, tmp_path, capsys, caplog):
     run_dir = copy_run(base, tmp_path)
@@ -172,6 +173,7 @@ def test_a_broken_teacher_run_is_refused_naming_the_file(base, data_dir, tokeniz
 # -------------------------------------------------------------- 4. a run that learns nothing
 
 
+@pytest.mark.slow  # ~15-20 s on 2 cores: trains until 3 skipped updates (one compile)
 def test_consecutive_skipped_updates_stop_the_run_naming_the_step_and_terms(base, tmp_path,
                                                                              capsys):
     # Adam moves every weight by ~lr: the weights overflow, and a skipped update leaves them as
@@ -217,6 +219,7 @@ def test_an_unwritable_run_directory_is_named(base, tmp_path, capsys, monkeypatc
     assert "no checkpoint was committed" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # ~15-20 s on 2 cores: trains past the base run until the save fails (one compile)
 def test_a_full_disk_names_the_path_and_the_last_committed_step(base, tmp_path, capsys,
                                                                  monkeypatch):
     """Simulated: orbax's writer raises what tensorstore raises on a full disk (a real 2 MiB
