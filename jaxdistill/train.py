@@ -196,7 +196,8 @@ def config_differences(saved_yaml: str, current_yaml: str, *,
             return out
         return {prefix[:-1]: value}
 
-    saved, current = flat(yaml.safe_load(saved_yaml) or {}), flat(yaml.safe_load(current_yaml) or {})
+    saved = flat(yaml.safe_load(saved_yaml) or {})
+    current = flat(yaml.safe_load(current_yaml) or {})
     missing = object()
     lines = []
     for key in sorted(saved.keys() | current.keys()):

@@ -191,8 +191,8 @@ def test_consecutive_skipped_updates_stop_the_run_naming_the_step_and_terms(base
     assert [line["skipped_updates"] for line in read_metrics(run_dir)] == [0, 0, 1, 2]
 
 
-def test_a_vocab_smaller_than_the_tokenizer_is_refused_at_start_up(base, tokenizer, tmp_path,  # noqa: F811
-                                                                    capsys):
+def test_a_vocab_smaller_than_the_tokenizer_is_refused_at_start_up(
+        base, tokenizer, tmp_path, capsys):  # noqa: F811
     assert train(base[0], tmp_path / "small", "--set", "model.backbone.vocab_size=200") == 2
     err = capsys.readouterr().err
     assert f"model.backbone.vocab_size is 200 but data.tokenizer 'builtin:wordpiece' has " \
@@ -219,7 +219,7 @@ def test_an_unwritable_run_directory_is_named(base, tmp_path, capsys, monkeypatc
     assert "no checkpoint was committed" in err and "Traceback" not in err
 
 
-@pytest.mark.slow  # ~15-20 s on 2 cores: trains past the base run until the save fails (one compile)
+@pytest.mark.slow  # ~15 s on 2 cores: trains on until the save fails (one compile)
 def test_a_full_disk_names_the_path_and_the_last_committed_step(base, tmp_path, capsys,
                                                                  monkeypatch):
     """Simulated: orbax's writer raises what tensorstore raises on a full disk (a real 2 MiB
