@@ -27,6 +27,7 @@ Run directory layout (shared with `jaxdistill.train`): `run_dir/config.yaml`,
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 from collections.abc import Mapping
@@ -199,12 +200,17 @@ class Checkpointer:
                     "state/manifest.ocdbt", "meta/metadata", "iterator/metadata"]
         missing = [name for name in expected if not (step_dir / name).is_file()]
         text = " ".join(str(error).split())
+        # tensorstore names the array it failed on (`'path': 'params.x.kernel/'`), and at times
+        # the hash-named data file; short names such as `metadata` would match any text.
+        arrays = [m.rstrip("/") for m in re.findall(r"'path': '([^/'][^']*)'", text)]
         named = [str(p.relative_to(step_dir)) for p in sorted(step_dir.rglob("*"))
-                 if p.is_file() and p.name in text] if step_dir.is_dir() else []
+                 if p.is_file() and len(p.name) >= 16 and p.name in text
+                 ] if step_dir.is_dir() else []
         if missing:
             what = f"missing {', '.join(missing)}"
-        elif named:
-            what = f"unreadable {', '.join(named[:3])}"
+        elif named or arrays:
+            what = (f"unreadable {', '.join(named[:3]) or 'state data'}"
+                    + (f" (array {arrays[0]}: a truncated or corrupt file)" if arrays else ""))
         else:
             what = "unreadable array data"
         return f"{step_dir}: {what} ({type(error).__name__}: {text[:300]})"

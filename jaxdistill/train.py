@@ -68,6 +68,7 @@ RESUMABLE_KEYS = frozenset({
     "trainer.progress", "trainer.max_skipped_updates", "checkpoint.every",
     "checkpoint.max_to_keep", "checkpoint.async_save",
 })
+RESUMABLE_SECTIONS = ("logging",)  # where metrics go (JSONL, TensorBoard, wandb) never matters
 
 
 class ConfigMismatchError(ValueError):
@@ -201,7 +202,8 @@ def config_differences(saved_yaml: str, current_yaml: str, *,
     missing = object()
     lines = []
     for key in sorted(saved.keys() | current.keys()):
-        if key in RESUMABLE_KEYS or any(key == p or key.startswith(f"{p}.") for p in ignore):
+        if key in RESUMABLE_KEYS or any(key == p or key.startswith(f"{p}.")
+                                        for p in (*RESUMABLE_SECTIONS, *ignore)):
             continue
         a, b = saved.get(key, missing), current.get(key, missing)
         if a != b:
@@ -230,7 +232,7 @@ def _check_resumable(checkpointer: Checkpointer, step: int, meta: dict[str, Any]
     if changed and not force_config:
         raise ConfigMismatchError(
             f"{where}: the checkpoint was trained with another config; refusing to resume (only "
-            f"{', '.join(sorted(RESUMABLE_KEYS))} may change; pass force_config / "
+            f"{', '.join(sorted(RESUMABLE_KEYS))} and logging.* may change; pass force_config / "
             "--force-config to continue anyway):\n  " + "\n  ".join(changed))
     for line in changed:
         log.warning("resuming with a changed config (forced): %s", line)
