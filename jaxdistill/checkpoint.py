@@ -11,7 +11,12 @@ Each step directory holds three items:
 
 Crash safety is orbax's: a step is written to `<step>.orbax-checkpoint-tmp-*` and renamed only
 once complete, so a half-written step is never listed, and `cleanup_tmp_directories` removes
-its leftovers when the next manager starts. Preemption: in multi-process runs the loop asks
+its leftovers when the next manager starts. A step directory without orbax's commit marker
+(`commit_success.txt`: copied in by hand, or left by another tool) is not a checkpoint: it is
+never listed, and a writing manager moves it to `run_dir/checkpoints-set-aside/` with a
+warning. A committed step that fails to restore (a truncated array file, a deleted
+`_METADATA`) is named by `restore_error` and set aside the same way by the loop, which then
+resumes from the newest step that restores. Preemption: in multi-process runs the loop asks
 `reached_preemption(step)` (JAX's preemption sync point, which every host reaches at the same
 step); a single process installs a SIGTERM handler that sets a flag read at step boundaries.
 
@@ -22,6 +27,7 @@ Run directory layout (shared with `jaxdistill.train`): `run_dir/config.yaml`,
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 from collections.abc import Mapping
@@ -38,7 +44,9 @@ from jaxdistill.models.model import ModelConfig, Params
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
+SET_ASIDE_SUBDIR = "checkpoints-set-aside"  # steps that are not (or no longer) usable
 CONFIG_FILE = "config.yaml"
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, in every finalised step
 
 
 class CheckpointError(RuntimeError):
@@ -104,6 +112,10 @@ class Checkpointer:
         })
         self._sigterm = threading.Event()
         self._previous_handler = None
+        if not read_only and jax.process_index() == 0:
+            for step in self._uncommitted_steps():
+                self.set_aside(step, f"no commit marker ({COMMIT_MARKER}): not a complete "
+                                     "checkpoint")
 
     @classmethod
     def from_config(cls, directory, section, **kwargs) -> Checkpointer:
@@ -151,18 +163,64 @@ class Checkpointer:
     # ---------------------------------------------------------------------- restore
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        """Committed steps (half-written tmp directories and unmarked ones are never listed)."""
+        return sorted(s for s in self._manager.all_steps() if self._committed(s))
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint (half-written tmp directories are never listed)."""
-        return self._manager.latest_step()
+        """The newest complete checkpoint."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def _committed(self, step: int) -> bool:
+        return (self.directory / str(step) / COMMIT_MARKER).is_file()
+
+    def _uncommitted_steps(self) -> list[int]:
+        return sorted(s for s in self._manager.all_steps() if not self._committed(s))
+
+    def set_aside(self, step: int, reason: str) -> Path:
+        """Moves step `step` out of the checkpoint directory (kept for inspection, with
+        `reason` in `SET_ASIDE.txt`), so it is neither restored nor in the way of a new save."""
+        source = self.directory / str(step)
+        target_root = self.directory.parent / SET_ASIDE_SUBDIR
+        target_root.mkdir(parents=True, exist_ok=True)
+        target, n = target_root / str(step), 1
+        while target.exists():
+            target, n = target_root / f"{step}.{n}", n + 1
+        source.rename(target)
+        (target / "SET_ASIDE.txt").write_text(reason + "\n")
+        log.warning("%s: set aside to %s: %s", source, target, reason)
+        self._manager.reload()
+        return target
+
+    def restore_error(self, step: int, error: BaseException) -> str:
+        """What is wrong with step `step` that failed to restore with `error`: its directory,
+        the file at fault where one can be named, and orbax's words."""
+        step_dir = self.directory / str(step)
+        expected = [COMMIT_MARKER, "_CHECKPOINT_METADATA", "state/_METADATA",
+                    "state/manifest.ocdbt", "meta/metadata", "iterator/metadata"]
+        missing = [name for name in expected if not (step_dir / name).is_file()]
+        text = " ".join(str(error).split())
+        # tensorstore names the array it failed on (`'path': 'params.x.kernel/'`), and at times
+        # the hash-named data file; short names such as `metadata` would match any text.
+        arrays = [m.rstrip("/") for m in re.findall(r"'path': '([^/'][^']*)'", text)]
+        named = [str(p.relative_to(step_dir)) for p in sorted(step_dir.rglob("*"))
+                 if p.is_file() and len(p.name) >= 16 and p.name in text
+                 ] if step_dir.is_dir() else []
+        if missing:
+            what = f"missing {', '.join(missing)}"
+        elif named or arrays:
+            what = (f"unreadable {', '.join(named[:3]) or 'state data'}"
+                    + (f" (array {arrays[0]}: a truncated or corrupt file)" if arrays else ""))
+        else:
+            what = "unreadable array data"
+        return f"{step_dir}: {what} ({type(error).__name__}: {text[:300]})"
 
     def best_step(self) -> int | None:
         """The best checkpoint by the keep-best metric; the latest without one."""
         if self.keep_best_metric is None:
             return self.latest_step()
         scored = []
-        for step in self._manager.all_steps():
+        for step in self.all_steps():
             metrics = self._manager.metrics(step)
             if metrics:
                 scored.append((self._best_value(metrics), step))
@@ -173,7 +231,11 @@ class Checkpointer:
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """`{"config_yaml", "manifest"}` of a checkpoint, without touching its arrays."""
         step = self._resolve(step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))
+        except Exception as err:
+            raise CheckpointError(self.restore_error(step, err)) from err
         return dict(restored["meta"])
 
     def restore(self, step: int | None = None, *, target_state_shardings):
@@ -184,21 +246,40 @@ class Checkpointer:
         array is read straight into its target sharding, whatever mesh wrote it.
         """
         step = self._resolve(step)
-        saved = self._manager.item_metadata(step)["state"]
-        target = _abstract(saved, target_state_shardings, where=f"{self.directory}/{step}")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            iterator=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore(),
-        ))
+        try:
+            saved = self._manager.item_metadata(step)["state"]
+            if saved is None:
+                raise CheckpointError("the state's _METADATA is missing or unreadable")
+            target = _abstract(saved, target_state_shardings, where=f"{self.directory}/{step}")
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                iterator=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ))
+            jax.block_until_ready(restored["state"])  # a bad byte range fails here, not later
+        except Exception as err:
+            raise CheckpointError(self.restore_error(step, err)) from err
         return restored["state"], dict(restored["iterator"] or {}), dict(restored["meta"]["manifest"])
 
     def restore_params(self, step: int | None = None, *, shardings=None) -> Params:
         """Only the student params of a checkpoint (the optimizer state is never read)."""
         step = self._resolve(step)
         path = self._manager.directory / str(step) / "state"
+        try:
+            return self._restore_params(path, shardings)
+        except CheckpointError:
+            raise
+        except Exception as err:  # orbax/tensorstore say little about which file is bad
+            raise CheckpointError(f"cannot read the student params of checkpoint step {step}: "
+                                  f"{self.restore_error(step, err)}") from err
+
+    def _restore_params(self, path: Path, shardings) -> Params:
         with ocp.PyTreeCheckpointer() as reader:
-            saved = reader.metadata(path).item_metadata.tree
+            metadata = reader.metadata(path).item_metadata
+            if metadata is None or getattr(metadata, "tree", None) is None:
+                raise CheckpointError(f"{path}: not an orbax state checkpoint (its _METADATA is "
+                                      "missing or unreadable)")
+            saved = metadata.tree
             if "params" not in saved:
                 raise CheckpointError(f"{path}: state has no 'params' (found {sorted(saved)})")
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -215,7 +296,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no complete checkpoint to restore")
-        if step not in self._manager.all_steps():
+        if step not in self.all_steps():
             raise CheckpointError(f"{self.directory}: no complete checkpoint at step {step}; "
                                   f"complete steps: {self.all_steps()}")
         return step
@@ -302,12 +383,26 @@ def _abstract(saved, targets, *, where: str):
 # ------------------------------------------------------------------ finished runs as sources
 
 
-def run_model_config(run_dir: str | Path) -> ModelConfig:
-    """The student ModelConfig recorded in a run directory's resolved config."""
+def _run_config(run_dir: str | Path) -> dict[str, Any]:
+    """A run directory's resolved config as a mapping (its `model` section checked)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"run:{run_dir}: no {CONFIG_FILE} (not a jaxdistill run directory)")
-    model = dict(yaml.safe_load(path.read_text())["model"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"run:{run_dir}: {path} is not a resolved run config (not valid "
+                              f"YAML: {first})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"run:{run_dir}: {path} is not a resolved run config (expected a "
+                              f"mapping with a 'model' section, found {type(data).__name__})")
+    return data
+
+
+def run_model_config(run_dir: str | Path) -> ModelConfig:
+    """The student ModelConfig recorded in a run directory's resolved config."""
+    model = dict(_run_config(run_dir)["model"])
     return ModelConfig.model_validate({k: model[k] for k in ("backbone", "heads") if k in model})
 
 
@@ -316,7 +411,7 @@ def load_params(run_dir: str | Path, *, shardings=None) -> tuple[ModelConfig, Pa
     by a metric, else its latest. Params land on one device unless `shardings` are given."""
     run_dir = Path(run_dir)
     model_cfg = run_model_config(run_dir)
-    run_cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    run_cfg = _run_config(run_dir)
     keep_best = (run_cfg.get("checkpoint") or {}).get("keep_best")
     directory = run_dir / CHECKPOINT_SUBDIR
     if not directory.is_dir():

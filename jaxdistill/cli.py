@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import json
 import math
 import os
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM with its state saved; schedulers retry
 RUNS_DIR = "runs"
 
 
@@ -137,10 +140,16 @@ def cmd_train(args) -> None:
 
     cache.check_offline_sources(cfg)
     train = _module("jaxdistill.train", "training (jaxdistill.train)")
+    if args.from_step is not None and (args.from_step < 1 or args.no_resume):
+        raise UserError(f"--from-step {args.from_step}: expected the positive step of a committed "
+                        "checkpoint to resume from (and no --no-resume)")
     result = train.run(cfg, _run_dir(cfg, args.run_dir), resume=not args.no_resume,
-                       force_teachers=args.force_teachers)
-    _print_json({"run_dir": result.run_dir, "step": result.step, "metrics": result.metrics,
-                 "eval_metrics": result.eval_metrics, "checkpoint_dir": result.checkpoint_dir})
+                       force_teachers=args.force_teachers, force_config=args.force_config,
+                       from_step=args.from_step)
+    _print_json({"run_dir": result.run_dir, "step": result.step, "preempted": result.preempted,
+                 "metrics": result.metrics, "eval_metrics": result.eval_metrics,
+                 "checkpoint_dir": result.checkpoint_dir})
+    return EXIT_PREEMPTED if result.preempted else 0
 
 
 def cmd_eval(args) -> None:
@@ -471,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
          "Distil a student from the config's teachers (online run:/hf: models in the same "
          "fused step, or offline outputs cached with cache-teacher), plus any label terms."),
     ):
+        description += (
+            f" Exit status: 0 when the run reached trainer.steps; {EXIT_PREEMPTED} (EX_TEMPFAIL) "
+            "when SIGTERM/preemption stopped it with its state saved (rerun to resume); "
+            f"{EXIT_USER_ERROR} on a user error (bad config or data, a run directory in use, an "
+            "unreadable checkpoint, a full disk, a run whose updates are all non-finite).")
         p = command(name, help_text, description)
         p.add_argument("config", help="experiment YAML")
         _add_set(p)
@@ -480,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force-teachers", action="store_true",
                        help="resume even though the teachers differ from the checkpoint's")
         _add_allow_pickle(p)
+        p.add_argument("--force-config", action="store_true",
+                       help="resume even though the config differs from the checkpoint's in "
+                            "more than run length and cadence (trainer.steps, log/eval/"
+                            "checkpoint intervals)")
+        p.add_argument("--from-step", type=int, metavar="N",
+                       help="resume from checkpoint step N instead of the newest one that "
+                            "restores (later steps are set aside)")
         p.set_defaults(handler=cmd_train)
 
     p = command("eval", "evaluate a run on a split",
@@ -632,17 +653,70 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UserError, ValueError, KeyError, FileNotFoundError,
                                         FileExistsError, NotADirectoryError, IsADirectoryError]
     for module_name, attr in (("jaxdistill.checkpoint", "CheckpointError"),
-                              ("jaxdistill.loader", "TeacherMismatchError")):
+                              ("jaxdistill.loader", "TeacherMismatchError"),
+                              ("jaxdistill.runlock", "RunLockedError"),
+                              ("jaxdistill.train", "DivergedError"),
+                              ("jaxdistill.train", "RunStorageError")):
         module = sys.modules.get(module_name)
         if module is not None and isinstance(getattr(module, attr, None), type):
             types.append(getattr(module, attr))
     return tuple(types)
 
 
+def _storage_error(error: BaseException) -> bool:
+    """An OSError that says the disk or its permissions refused a write (names its path)."""
+    return isinstance(error, PermissionError) or (
+        isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                                                       errno.EACCES))
+
+
 def _message(error: BaseException) -> str:
     if isinstance(error, KeyError) and len(error.args) == 1:
         return str(error.args[0])
+    if isinstance(error, OSError) and error.strerror and (
+            error.filename is not None or type(error) is not OSError):
+        path = f"{error.filename}: " if error.filename is not None else ""
+        return f"{path}{error.strerror}"
     return str(error) or type(error).__name__
+
+
+class _NoTraceback:
+    """A logging filter that keeps a record's message but drops its traceback."""
+
+    def filter(self, record) -> bool:
+        if record.exc_info or record.exc_text:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_QUIET_LOGGERS = ("absl", "orbax", "asyncio")  # orbax logs background failures with tracebacks
+
+
+def _quiet_threads() -> Callable[[], None]:
+    """Without --debug, a failure in a background thread (orbax's async savers on a full disk)
+    prints one line, not a traceback: the main thread reports the failure itself. Returns the
+    function that undoes it."""
+    import logging
+
+    previous_hook = threading.excepthook
+
+    def hook(args):
+        if args.exc_type is SystemExit:
+            return
+        print(f"jaxdistill: background thread {args.thread.name if args.thread else '?'}: "
+              f"{args.exc_type.__name__}: {args.exc_value}", file=sys.stderr)
+
+    threading.excepthook = hook
+    quiet = _NoTraceback()
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+
+    def undo():
+        threading.excepthook = previous_hook
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
+
+    return undo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -650,12 +724,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Callable = args.handler
     _RESULT_STREAM[0] = sys.stdout
+    undo_quiet = (lambda: None) if args.debug else _quiet_threads()
     from jaxdistill import logs
 
     try:
         with logs.console(), contextlib.redirect_stdout(sys.stderr):
-            handler(args)
-    except _user_error_types() as error:
+            code = handler(args)
+    except Exception as error:
+        if not isinstance(error, _user_error_types()) and not _storage_error(error):
+            raise
         if args.debug:
             traceback.print_exc()
         print(f"jaxdistill {args.command}: error: {_message(error)}", file=sys.stderr)
@@ -665,7 +742,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         _RESULT_STREAM[0] = None
-    return 0
+        undo_quiet()
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -180,6 +180,8 @@ class TrainerSection(_Section):
     eval_every: int = Field(default=500, ge=1)
     eval_batches: int = Field(default=8, ge=1)
     progress: bool = True
+    # This many consecutive skipped (non-finite) updates end the run: it is learning nothing.
+    max_skipped_updates: int = Field(default=20, ge=1)
 
 
 class MeshSection(_Section):
@@ -271,8 +273,15 @@ def read_yaml(path: Path, *, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         chain = " -> ".join(str(p) for p in seen + (path.resolve(),))
         raise ConfigError(f"{path}: circular base: {chain}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte {raw[err.start]:#04x} at "
+                          f"offset {err.start}); save the file as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -282,6 +291,9 @@ def read_yaml(path: Path, *, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected the path of a base config file (a string), "
+                          f"found {base!r}")
     base_data = read_yaml(path.parent / base, seen=seen + (path.resolve(),))
     return merge(base_data, data)
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,33 @@ def progress_bar(total: int, *, initial: int = 0, enabled: bool = True) -> tqdm:
     """
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                 disable=not enabled or jax.process_index() != 0, smoothing=0.0)
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> int:
+    """Drops the JSONL lines past `step` (a resume from `step` logs them again), atomically:
+    the kept lines go to a temporary file that replaces the old one. Returns lines dropped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            dropped += 1  # a line cut short by a kill mid-write
+            continue
+        if logged > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        log.info("%s: dropped %d lines past the resumed step %d", path, dropped, step)
+    return dropped
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -79,6 +79,7 @@ def setup(cfg: config_lib.Experiment, *, teachers: bool = True) -> Setup:
     mesh = parallel.make_mesh(cfg.mesh.shape)
     rules = dict(cfg.mesh.rules)
     loader.check_student_tokenizer(cfg)
+    _check_vocab_size(cfg)
     used = {t.teacher for t in cfg.objective if t.teacher is not None} if teachers else set()
     loaded = loader.load_teachers(cfg, mesh=mesh, rules=rules, names=used)
     token_keys = loader.tokenizer_keys(cfg.data.tokenizer, loaded)
@@ -120,6 +121,21 @@ def _quantize_teachers(cfg, teachers: loader.Teachers, token_keys, token_specs, 
         manifest[name].update(quantize=mode, quantize_error=error)
         online[name] = loader.Teacher(qmodel, qparams, teacher.tokenizer)
     return loader.Teachers(online, teachers.offline, manifest)
+
+
+def _check_vocab_size(cfg: config_lib.Experiment) -> None:
+    """The student's embedding covers every id its tokenizer emits (out-of-range ids embed as
+    NaN and the run would train on NaN)."""
+    from jaxdistill.data.batches import tokenizer
+
+    vocab_size = getattr(cfg.model.backbone, "vocab_size", None)
+    if vocab_size is None:
+        return
+    size = len(tokenizer(cfg.data.tokenizer))
+    if vocab_size < size:
+        raise ValueError(f"model.backbone.vocab_size is {vocab_size} but data.tokenizer "
+                         f"{cfg.data.tokenizer!r} has {size} tokens; ids >= {vocab_size} would "
+                         f"embed as NaN. Set model.backbone.vocab_size to at least {size}")
 
 
 def _check_action_heads(cfg: config_lib.Experiment, teachers: loader.Teachers) -> None:

@@ -15,7 +15,18 @@ evaluation and checkpoint saves are left out).
 
 Resume continues exactly: student state and the grain iterator's position come from the
 latest complete checkpoint, and the run refuses to continue with teachers that differ from
-the checkpoint's manifest (names, sources, content hashes) unless `force_teachers`.
+the checkpoint's manifest (names, sources, content hashes) unless `force_teachers`, or with a
+config that differs from the checkpoint's in anything but run length and cadence
+(`RESUMABLE_KEYS`) unless `force_config`. A step that fails to restore is named and set aside,
+and the run resumes from the newest step that does (`from_step` picks one). `config.yaml` and
+`run.json` are rewritten only once the restore succeeded, and `metrics.jsonl` drops the lines
+past the restored step, so each step is logged once.
+
+Failures end the run loudly: one process per run directory (`runlock`); a run whose updates are
+all skipped (non-finite loss or gradient) for `trainer.max_skipped_updates` steps in a row stops
+with `DivergedError`; a write that fails (full disk, no permission) is a `RunStorageError`
+naming the path and the last committed checkpoint. A SIGTERM stops at the next step boundary
+with the state saved and `RunResult.preempted` set (the CLI exits `EXIT_PREEMPTED`, 75).
 """
 
 from __future__ import annotations
@@ -24,7 +35,11 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import errno
 import logging
+import math
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -34,15 +49,39 @@ import jax
 from jaxdistill import config as config_lib
 from jaxdistill import evaluator as evaluator_lib
 from jaxdistill import loader, logs, parallel, runs
-from jaxdistill.checkpoint import CHECKPOINT_SUBDIR, CONFIG_FILE, Checkpointer
+from jaxdistill.checkpoint import CHECKPOINT_SUBDIR, CONFIG_FILE, CheckpointError, Checkpointer
 from jaxdistill.data.pipeline import iterator_state, restore_iterator
 from jaxdistill.distill.step import abstract_state, compile_step, init_sharded_state
 from jaxdistill.loader import TeacherMismatchError
-from jaxdistill.metrics import MetricWriter, progress_bar
+from jaxdistill.metrics import MetricWriter, progress_bar, truncate_metrics
+from jaxdistill.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+
+# Keys a resume may change: how long the run is and how often it logs, evaluates and saves.
+# Everything else (model, data, objective, optimizer, including `optimizer.total_steps`, which
+# reshapes the learning-rate schedule the checkpoint already followed) must match the checkpoint.
+RESUMABLE_KEYS = frozenset({
+    "trainer.steps", "trainer.log_every", "trainer.eval_every", "trainer.eval_batches",
+    "trainer.progress", "trainer.max_skipped_updates", "checkpoint.every",
+    "checkpoint.max_to_keep", "checkpoint.async_save",
+})
+RESUMABLE_SECTIONS = ("logging",)  # where metrics go (JSONL, TensorBoard, wandb) never matters
+
+
+class ConfigMismatchError(ValueError):
+    """A resume whose config differs from the checkpoint's; the message lists each key."""
+
+
+class DivergedError(RuntimeError):
+    """Every update of `trainer.max_skipped_updates` steps in a row was skipped (non-finite)."""
+
+
+class RunStorageError(OSError):
+    """A run's file could not be written (full disk, no permission); the message names the
+    path and what the run had saved."""
 
 
 @dataclasses.dataclass
@@ -80,69 +119,197 @@ def write_run_files(cfg: config_lib.Experiment, run_dir: Path, *, resumed_from: 
 
 
 def run(cfg: config_lib.Experiment, run_dir: str | Path, *, resume: bool = True,
-        force_teachers: bool = False, report: bool = True) -> RunResult:
+        force_teachers: bool = False, force_config: bool = False, from_step: int | None = None,
+        report: bool = True) -> RunResult:
     """Trains `cfg` in `run_dir` until `trainer.steps`, or until SIGTERM / preemption; then
-    writes `eval.json` and `report.md` (with `report`)."""
+    writes `eval.json` and `report.md` (with `report`).
+
+    `from_step`: resume from this checkpoint step instead of the newest one that restores
+    (the steps after it are set aside)."""
     run_dir = Path(run_dir).absolute()
-    log_file = logs.RUN_LOG if jax.process_index() == 0 else f"log.{jax.process_index()}.txt"
-    with logs.to_file(run_dir / log_file):
-        return _logged_run(cfg, run_dir, resume=resume, force_teachers=force_teachers,
-                           report=report)
-
-
-def _logged_run(cfg: config_lib.Experiment, run_dir: Path, *, resume: bool,
-                force_teachers: bool, report: bool) -> RunResult:
-    s = runs.setup(cfg)
-    s.check_labels()
-    checkpointer = Checkpointer.from_config(run_dir / CHECKPOINT_SUBDIR, cfg.checkpoint,
-                                            config_yaml=config_lib.resolved_yaml(cfg),
-                                            manifest=s.teachers.manifest)
+    checkpointer = None
     try:
-        result = _run(s, run_dir, checkpointer, resume=resume, force_teachers=force_teachers)
-    finally:
-        checkpointer.close()
-    if report and not result.preempted and jax.process_index() == 0:
-        from jaxdistill import report as report_lib
+        # The lock first: nothing (not even the log) is written by a second process.
+        with RunLock(run_dir, active=jax.process_index() == 0):
+            log_file = logs.RUN_LOG if jax.process_index() == 0 else \
+                f"log.{jax.process_index()}.txt"
+            with logs.to_file(run_dir / log_file):
+                s = runs.setup(cfg)
+                s.check_labels()
+                checkpointer = Checkpointer.from_config(
+                    run_dir / CHECKPOINT_SUBDIR, cfg.checkpoint,
+                    config_yaml=config_lib.resolved_yaml(cfg), manifest=s.teachers.manifest)
+                try:
+                    result = _run(s, run_dir, checkpointer, resume=resume,
+                                  force_teachers=force_teachers, force_config=force_config,
+                                  from_step=from_step)
+                finally:
+                    checkpointer.close()
+                if report and not result.preempted and jax.process_index() == 0:
+                    from jaxdistill import report as report_lib
 
-        report_lib.write_run_report([run_dir], run_dir)
+                    report_lib.write_run_report([run_dir], run_dir)
+    except (OSError, ValueError) as err:
+        code, path = _storage_failure(err)
+        if code is None or isinstance(err, RunStorageError):
+            raise
+        raise _storage_error(code, path or run_dir, checkpointer) from err
     return result
 
 
-def _resume_step(checkpointer: Checkpointer, *, resume: bool, force_teachers: bool) -> int | None:
-    start = checkpointer.latest_step()
-    if start is not None and not resume:
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _storage_failure(err: BaseException) -> tuple[int | None, str | None]:
+    """(errno, path) when `err` says a write was refused by the disk or its permissions:
+    an OSError, or the ValueError orbax/tensorstore raise (`... [os_error_code='28']`)."""
+    if isinstance(err, OSError):
+        return (err.errno, err.filename) if err.errno in _STORAGE_ERRNOS else (None, None)
+    text = str(err)
+    code = re.search(r"os_error_code='(\d+)'", text)
+    if code is None or int(code.group(1)) not in _STORAGE_ERRNOS:
+        return None, None
+    path = re.search(r'Failed (?:writing|to open|to create)[^"]*"([^"]+)"', text) or re.search(
+        r'local file "([^"]+)"', text)
+    return int(code.group(1)), path.group(1) if path else None
+
+
+def _storage_error(code: int, path, checkpointer: Checkpointer | None) -> RunStorageError:
+    saved = None
+    if checkpointer is not None:
+        try:
+            saved = checkpointer.latest_step()
+        except Exception:  # noqa: BLE001 (the manager may be as broken as the disk)
+            saved = None
+    what = (f"the last committed checkpoint is step {saved} in {checkpointer.directory}"
+            if saved is not None else "no checkpoint was committed")
+    return RunStorageError(code, f"{path}: cannot write ({os.strerror(code)}); {what}. Free "
+                                 "space or fix permissions, then rerun to resume")
+
+
+def config_differences(saved_yaml: str, current_yaml: str, *,
+                       ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: checkpoint X, now Y` for each resolved-config key that differs (list items by
+    index, `objective.1.name`), but those in `RESUMABLE_KEYS` and under an `ignore` prefix."""
+    import yaml
+
+    def flat(value, prefix=""):
+        if isinstance(value, dict | list) and value:
+            out = {}
+            for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: value}
+
+    saved = flat(yaml.safe_load(saved_yaml) or {})
+    current = flat(yaml.safe_load(current_yaml) or {})
+    missing = object()
+    lines = []
+    for key in sorted(saved.keys() | current.keys()):
+        if key in RESUMABLE_KEYS or any(key == p or key.startswith(f"{p}.")
+                                        for p in (*RESUMABLE_SECTIONS, *ignore)):
+            continue
+        a, b = saved.get(key, missing), current.get(key, missing)
+        if a != b:
+            shown = lambda v: "(absent)" if v is missing else json.dumps(v)  # noqa: E731
+            lines.append(f"{key}: checkpoint {shown(a)}, now {shown(b)}")
+    return lines
+
+
+def _check_resumable(checkpointer: Checkpointer, step: int, meta: dict[str, Any], *,
+                     force_teachers: bool, force_config: bool) -> None:
+    where = f"{checkpointer.directory}/{step}"
+    differences = loader.manifest_differences(meta["manifest"], checkpointer.manifest)
+    if differences and not force_teachers:
+        raise TeacherMismatchError(
+            f"{where}: the checkpoint was trained with other teachers; refusing to resume (pass "
+            "force_teachers / --force-teachers to continue anyway):\n  "
+            + "\n  ".join(differences))
+    for line in differences:
+        log.warning("resuming with changed teachers (forced): %s", line)
+    saved_yaml = meta.get("config_yaml") or ""
+    # Forcing other teachers (checked by their manifest above) lets their config through, and
+    # the objective terms that read them.
+    ignore = ("teachers", "objective") if force_teachers else ()
+    changed = (config_differences(saved_yaml, checkpointer.config_yaml, ignore=ignore)
+               if saved_yaml else [])
+    if changed and not force_config:
+        raise ConfigMismatchError(
+            f"{where}: the checkpoint was trained with another config; refusing to resume (only "
+            f"{', '.join(sorted(RESUMABLE_KEYS))} and logging.* may change; pass force_config / "
+            "--force-config to continue anyway):\n  " + "\n  ".join(changed))
+    for line in changed:
+        log.warning("resuming with a changed config (forced): %s", line)
+
+
+def _restore(checkpointer: Checkpointer, targets, *, resume: bool, force_teachers: bool,
+             force_config: bool, from_step: int | None):
+    """(step, state, iterator state) of the checkpoint to resume from, or None for a fresh
+    run: the newest step that restores (those that fail are named), or `from_step`. The steps
+    after it are set aside (they would block the new saves at those steps); when none restores,
+    nothing is moved."""
+    steps = checkpointer.all_steps()
+    if steps and not resume:
         raise FileExistsError(f"{checkpointer.directory} already holds checkpoints (latest step "
-                              f"{start}); resume, or start the run in a fresh directory")
-    if start is not None:
-        differences = loader.manifest_differences(checkpointer.read_meta(start)["manifest"],
-                                                  checkpointer.manifest)
-        if differences and not force_teachers:
-            raise TeacherMismatchError(
-                f"{checkpointer.directory}/{start}: the checkpoint was trained with other "
-                "teachers; refusing to resume (pass force_teachers / --force-teachers to "
-                "continue anyway):\n  " + "\n  ".join(differences))
-        for line in differences:
-            log.warning("resuming with changed teachers (forced): %s", line)
-    return start
+                              f"{steps[-1]}); resume, or start the run in a fresh directory")
+    if from_step is not None:
+        if from_step not in steps:
+            raise CheckpointError(f"{checkpointer.directory}: --from-step {from_step}: no "
+                                  f"committed checkpoint at that step; committed steps: {steps}")
+        candidates = [from_step]
+    else:
+        candidates = steps[::-1]
+    failures: dict[int, str] = {}
+    for step in candidates:
+        try:
+            meta = checkpointer.read_meta(step)
+            _check_resumable(checkpointer, step, meta, force_teachers=force_teachers,
+                             force_config=force_config)
+            state, saved_iterator, _ = checkpointer.restore(step, target_state_shardings=targets)
+        except CheckpointError as err:
+            if from_step is not None:
+                raise
+            failures[step] = str(err)
+            continue
+        if failures:
+            log.warning("resuming from step %d, the newest checkpoint that restores; skipped:\n  "
+                        "%s", step, "\n  ".join(failures.values()))
+        if jax.process_index() == 0:
+            for later in (s for s in checkpointer.all_steps() if s > step):
+                checkpointer.set_aside(later, f"failed to restore: {failures[later]}"
+                                       if later in failures else
+                                       f"superseded: the run resumed from step {step}")
+        return step, state, saved_iterator
+    if failures:
+        raise CheckpointError(f"{checkpointer.directory}: no checkpoint restores (each error "
+                              "below; repair or remove those steps, or use a fresh --run-dir):"
+                              "\n  "
+                              + "\n  ".join(failures.values()))
+    return None
 
 
 def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bool,
-         force_teachers: bool) -> RunResult:
+         force_teachers: bool, force_config: bool = False, from_step: int | None = None
+         ) -> RunResult:
     cfg, mesh, rules, distiller = s.cfg, s.mesh, s.rules, s.distiller
     trainer = cfg.trainer
-    start = _resume_step(checkpointer, resume=resume, force_teachers=force_teachers)
-    write_run_files(cfg, run_dir, resumed_from=start)
     teacher_params = s.teachers.params
 
     train_iter = iter(s.batches(cfg.data.train_split, train=True))
-    if start is not None:
-        state, saved_iterator, _ = checkpointer.restore(
-            start, target_state_shardings=abstract_state(distiller, mesh, rules))
+    restored = _restore(checkpointer, abstract_state(distiller, mesh, rules), resume=resume,
+                        force_teachers=force_teachers, force_config=force_config,
+                        from_step=from_step)
+    if restored is not None:
+        start, state, saved_iterator = restored
         restore_iterator(train_iter, saved_iterator)
         log.info("resumed from %s at step %d", checkpointer.directory, start)
+        if jax.process_index() == 0:
+            truncate_metrics(run_dir, start)
     else:
+        start = None
         params = loader.initial_params(cfg, distiller.student, mesh, rules)
         state = init_sharded_state(distiller, cfg.seed, mesh, rules, params)
+    write_run_files(cfg, run_dir, resumed_from=start)
     step = start or 0
 
     eval_batches = None
@@ -160,7 +327,37 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
     eval_metrics: dict[str, Any] = {}
     malformed, preempted = 0, False
     pending = None  # (step, device metrics) waiting for the next step's dispatch
+    watched = None  # (step, device metrics): every step's, checked for skipped updates
+    skipped_before = int(jax.device_get(state["skipped"]))
+    streak: list[tuple[int, list[str]]] = []  # consecutive skipped steps and what was non-finite
     bar = None
+
+    def check_skipped():
+        """Ends the run once `trainer.max_skipped_updates` updates in a row were skipped."""
+        nonlocal watched, skipped_before
+        if watched is None:
+            return
+        watched_step, metrics = watched
+        watched = None
+        values = jax.device_get(metrics)
+        skipped = int(values["skipped_updates"])
+        if skipped == skipped_before:
+            streak.clear()
+            return
+        skipped_before = skipped
+        streak.append((watched_step, [k for k, v in values.items()
+                                      if (k.startswith("loss/") or k == "grad_norm")
+                                      and not math.isfinite(float(v))]))
+        if len(streak) >= trainer.max_skipped_updates:
+            first, terms = streak[0]
+            checkpointer.wait()  # so the message names what is committed
+            raise DivergedError(
+                f"{run_dir}: the last {len(streak)} updates (steps {first}-{watched_step}) were "
+                f"all skipped: non-finite {', '.join(terms) or 'loss or gradient'} from step "
+                f"{first} on (trainer.max_skipped_updates = {trainer.max_skipped_updates}); the "
+                "run is learning nothing. Lower optimizer.learning_rate or check the data and "
+                "model.backbone.vocab_size; the last committed checkpoint is "
+                f"{checkpointer.latest_step()}")
 
     def host_batch():
         nonlocal malformed
@@ -218,6 +415,8 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
         while step < trainer.steps:
             with jax.transfer_guard("disallow"):
                 state, metrics = step_fn(state, teacher_params, device_batch)
+            check_skipped()  # the previous step's, now that this one is dispatched
+            watched = (step + 1, metrics)
             step += 1
             window_steps += 1
             saved_iterator = iterator_state(train_iter)  # the position after this step's batch
@@ -246,6 +445,7 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
                 break
         if bar is not None:
             log_pending()
+            check_skipped()
     finally:
         if bar is not None:
             bar.close()
