@@ -437,6 +437,20 @@ def predict_stage(stage: StageOutput, experiment: config_lib.Experiment,
     return Predictions(stage.name, count_params(params), outputs, float("nan"))
 
 
+def _golden_dimensions(data: StageOutput, rows: int, list_size: int) -> dict[str, np.ndarray]:
+    """Per-dimension oracle grades of the golden set, [Q, N] in the pipeline's order."""
+    from jaxdistill.data.sources import open_source
+
+    source = open_source(data.path / "records", "golden")
+    dims: dict[str, np.ndarray] = {d: np.zeros((rows, list_size), np.int64)
+                                   for d in judge_lib.DIMENSIONS}
+    for q in range(rows):
+        for n, candidate in enumerate(source[q]["candidates"][:list_size]):
+            for d, g in candidate["hidden"]["dimension_grades"].items():
+                dims[d][q, n] = g
+    return dims
+
+
 def measure_items_per_second(stage: StageOutput, experiment: config_lib.Experiment,
                              spec: EvaluateSpec) -> tuple[float, float]:
     """(items/s, forward FLOPs per item) of a stage's model scoring `spec.throughput_queries`

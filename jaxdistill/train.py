@@ -127,15 +127,15 @@ def run(cfg: config_lib.Experiment, run_dir: str | Path, *, resume: bool = True,
     `from_step`: resume from this checkpoint step instead of the newest one that restores
     (the steps after it are set aside)."""
     run_dir = Path(run_dir).absolute()
+    # Everything that can refuse the config runs before anything is written to run_dir.
+    s = runs.setup(cfg)
+    s.check_labels()
     checkpointer = None
     try:
-        # The lock first: nothing (not even the log) is written by a second process.
         with RunLock(run_dir, active=jax.process_index() == 0):
             log_file = logs.RUN_LOG if jax.process_index() == 0 else \
                 f"log.{jax.process_index()}.txt"
             with logs.to_file(run_dir / log_file):
-                s = runs.setup(cfg)
-                s.check_labels()
                 checkpointer = Checkpointer.from_config(
                     run_dir / CHECKPOINT_SUBDIR, cfg.checkpoint,
                     config_yaml=config_lib.resolved_yaml(cfg), manifest=s.teachers.manifest)

@@ -144,8 +144,8 @@ def test_teachers_warm_start_from_the_judge_unless_the_oracle_labels(tmp_path):
         return pipeline.stage_experiment(cfg, "relevance_teacher", base_dir, preset, data,
                                          policy_path, upstream, for_key=for_key)
 
-    assert experiment({"judge": judge_run}).model.warm_start == f"run:{judge_run.path}"
-    assert experiment({"judge": judge_run}, for_key=True).model.warm_start == "run:judgekey"
+    assert str(experiment({"judge": judge_run}).model.warm_start) == f"run:{judge_run.path}"
+    assert str(experiment({"judge": judge_run}, for_key=True).model.warm_start) == "run:judgekey"
     # Its per-dimension labels are an offline teacher reading the stage's own records.
-    assert experiment({}).teachers["judge"].source == f"offline:{data.path / 'records'}"
+    assert str(experiment({}).teachers["judge"].source) == f"offline:{data.path / 'records'}"
     assert experiment({}).model.warm_start is None  # judge: oracle, no judge model
