@@ -1,5 +1,8 @@
 """The chat recipe: support world -> accuracy / tone teachers, tone classifier -> students -> evaluation -> report.
 
+Longer than ~400 lines because it is one recipe end to end (stages, generation-based evaluation,
+report).
+
 `jaxdistill pipeline configs/chat/pipeline.yaml` (a pipeline YAML with `kind: chat`). As in
 the job-search pipeline (`jaxdistill.pipeline`, whose keys and markers this reuses), each
 stage's output lives in `<workdir>/<stage>/<key>/`, reused while its key is unchanged: the key

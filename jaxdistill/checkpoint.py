@@ -1,5 +1,8 @@
 """Checkpoints of a run: orbax `CheckpointManager` over student state, data position and provenance.
 
+Longer than ~400 lines because orbax's manager plus what a run needs around it: restore onto any
+mesh, preemption, commit markers, fallback and set-aside of unreadable steps.
+
 Each step directory holds three items:
 
 - `state`: the student's train state (params, optimizer state, step, ...; an RNG key too when

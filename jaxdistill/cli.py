@@ -1,5 +1,7 @@
 """The `jaxdistill` command line: train, distil, evaluate, cache teachers, export, inspect.
 
+Longer than ~400 lines because most of it is the parser's help texts and examples.
+
 Each subcommand is a thin wrapper over a library call. jax, grain and transformers are imported
 inside the subcommands, so `jaxdistill --help` answers at once. A user error (a bad config,
 record, path or checkpoint) exits with status 2 and a one-paragraph message; `--debug` adds the

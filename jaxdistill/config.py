@@ -1,5 +1,8 @@
 """Experiment configs: YAML files validated by a typed schema, composed from a base, overridden.
 
+Longer than ~400 lines because the schema and its error messages (key paths, nearest keys) are
+one concern.
+
 One schema per concern (model, teachers, objective, data, optimizer, trainer, mesh,
 checkpoint, logging), composed into `Experiment`. A file may name `base:` (a path relative to
 itself); the file's keys are merged over the base's, recursively for mappings. `--set a.b=c`

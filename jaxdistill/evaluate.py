@@ -1,5 +1,7 @@
 """Evaluation metrics over scored candidate lists: NDCG, poor-match rate, AUROC, kappa, agreement.
 
+Longer than ~400 lines because it holds every metric, in one pure-numpy module.
+
 Pure numpy over arrays the pipeline hands over; no model code. Lists are [Q, N] arrays
 (Q queries, N candidate slots) with `mask_QxN` true for real candidates and false for padding.
 Within a list, equal scores keep candidate order (stable sort), so ties are broken by the

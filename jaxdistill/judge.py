@@ -1,5 +1,8 @@
 """Policy judges: the product policy parsed from markdown, a rule oracle and a model judge.
 
+Longer than ~400 lines because the policy document's parser, the rule oracle and the model judge
+share the policy's types.
+
 A policy is a markdown document with one fenced ```yaml block of rules. Two judges grade
 query–document pairs 0–4 under it behind one interface (`Judge`):
 
@@ -404,37 +407,35 @@ def lm_score_fn(model: Any, params: Any, tokenizer: Any, *, max_len: int = 2048,
     the output embedding for those two tokens only. Prompts longer than `max_len` lose their
     beginning (the policy's preamble), never the question at the end.
     """
-    import jax  # a model judge needs jax; the rest of this module does not
-
+    # A model judge needs jax; the rest of this module does not.
+    from jaxdistill import parallel
     from jaxdistill.data.tokenizer import yes_no_token_ids
+    from jaxdistill.evaluator import Evaluator, p_yes
+    from jaxdistill.models.heads import TokenScoreHead
+    from jaxdistill.models.model import functional
 
     if model.cfg.backbone.type != "decoder":
         raise ValueError("a model judge needs a decoder backbone (it reads p('Yes') from the "
                          f"output embedding); got {model.cfg.backbone.type!r}")
     yes_id, no_id = yes_no_token_ids(tokenizer)
-
-    @jax.jit
-    def p_yes(params, input_ids_BxT, attention_mask_BxT):
-        backbone = model.bind(params).backbone
-        hidden_BxTxD = backbone(input_ids_BxT, attention_mask_BxT)
-        last_B = attention_mask_BxT.sum(-1) - 1
-        pooled_BxD = hidden_BxTxD[np.arange(hidden_BxTxD.shape[0]), last_B]
-        logits_Bx2 = backbone.token_logits(pooled_BxD, (no_id, yes_id))
-        return jax.nn.softmax(logits_Bx2.astype(np.float32), axis=-1)[:, 1]
+    # The same backbone with only a ("No", "Yes") token-score head, run by the shared evaluator.
+    scorer = functional(model.cfg.model_copy(
+        update={"heads": {"judge": TokenScoreHead(token_ids=(no_id, yes_id))}}))
+    backbone_params = {k: v for k, v in params.items() if k != "heads"}
+    evaluator = Evaluator(scorer, mesh=parallel.make_mesh((-1, 1, 1)),
+                          rules=parallel.DEFAULT_RULES)
 
     def score(prompts: list[str]) -> np.ndarray:
-        out = []
+        if not prompts:
+            return np.zeros(0)
+        batches = []
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            rows = len(chunk)
-            chunk += [chunk[-1]] * (batch_size - rows)  # one compiled shape
-            enc = tokenizer(chunk, padding="max_length", truncation=True, max_length=max_len,
-                            padding_side="right", truncation_side="left", return_tensors="np",
-                            add_special_tokens=False)
-            probs = p_yes(params, enc["input_ids"].astype(np.int32),
-                          enc["attention_mask"].astype(np.int32))
-            out.append(np.asarray(probs)[:rows])
-        return np.concatenate(out) if out else np.zeros(0)
+            enc = tokenizer(prompts[start:start + batch_size], padding="max_length",
+                            truncation=True, max_length=max_len, padding_side="right",
+                            truncation_side="left", return_tensors="np", add_special_tokens=False)
+            batches.append({"input_ids": enc["input_ids"].astype(np.int32),
+                            "attention_mask": enc["attention_mask"].astype(np.int32)})
+        return p_yes(evaluator.run(backbone_params, {}, batches).student["judge"])
 
     return score
 

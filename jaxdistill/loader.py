@@ -1,5 +1,8 @@
 """Models from their sources: one loader for students, teachers, warm starts and scoring.
 
+Longer than ~400 lines because every way a model comes from disk (run and HF sources, teachers
+and their tokenizers, the manifest, warm starts) lives here, so there is one loader.
+
 A source is a typed `config.Source` (`run:DIR`, `hf:DIR`, `offline:DIR`), parsed once when the
 config loads. `load_model` turns a run or HF source into `(ModelConfig, params)` in the numerics
 asked for, every weight read straight into its sharding on the mesh (orbax restores a run's

@@ -1,6 +1,9 @@
 """The job-search pipeline: workload -> judge -> teachers -> students -> calibration ->
 evaluation -> report.
 
+Longer than ~400 lines because it is one recipe end to end: data, judge, teachers and students
+as cached stages, then scoring, calibration, evaluation and the report.
+
 The judge stage fine-tunes a judge model on the golden set's annotated pairs and relabels the
 teachers' pairs with its grade distributions (`judge: oracle` keeps the rule oracle's labels).
 

@@ -1,5 +1,8 @@
 """The run report: report.md with headline, all-models and targets tables, and PNG plots beside it.
 
+Longer than ~400 lines because the pipeline report and the per-run report share their tables and
+plots.
+
 Takes plain dicts and lists of metrics (from `evaluate.summarize`, `calibration.calibration_summary`
 and the training metrics JSONL) and writes, into `run_dir`:
 

@@ -1,5 +1,8 @@
 """The training loop: the fused step at its cadences (log, eval, checkpoint), resume, preemption.
 
+Longer than ~400 lines because the loop and what keeps a run safe around it (resume checks, the
+run lock, storage errors) belong together.
+
 `run(cfg, run_dir)` is the whole of `jaxdistill train` / `distill`: a run with no teachers is
 plain training on labels. Models, batches and the evaluator come from `jaxdistill.runs.setup`
 (`loader` for sources, teachers and warm starts; `data.batches`; `evaluator`); this module only

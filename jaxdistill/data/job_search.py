@@ -1,5 +1,8 @@
 """The built-in job-search workload: a seeded world of members, jobs, queries and engagement.
 
+Longer than ~400 lines because it holds the whole simulated world (members, jobs, queries,
+engagement), seeded.
+
 Members and jobs carry hidden variables (function, title, level, skills, city, workplace,
 company glamour, activity). Models see only rendered text (`render_member`, `render_job`, the
 typed query; all lowercased, as an uncased model's input) and `member_features`; every fact the policy grades on is written in that text,

@@ -1,5 +1,7 @@
 """grain input pipelines: record source -> shard -> shuffle -> tokenise -> (pack) -> batch.
 
+Longer than ~400 lines because it is the batch contract of every record kind.
+
 `make_dataset` returns a `grain.IterDataset` whose elements are batches, dicts of numpy
 arrays (the batch contract is in its docstring). `iter(dataset)` gives an iterator whose state
 (`iterator_state` / `restore_iterator`, thin over grain's `get_state`/`set_state`) is saved

@@ -1,5 +1,8 @@
 """Record datasets on disk: a tfds builder writing array_record, read back without TensorFlow.
 
+Longer than ~400 lines because it is the on-disk dataset format in one place: the tfds builder,
+atomic writes, split merging, reading without TensorFlow and the stored token ids.
+
 Storage path taken: **tfds**. Checked against tensorflow-datasets 4.9.10 with TensorFlow not
 installed: `GeneratorBasedBuilder.download_and_prepare()` with `file_format="array_record"`
 writes, and `tfds.builder_from_directory(dir).as_data_source(split)` (the directory form of

@@ -1,5 +1,8 @@
 """Distillation losses: pure jax functions fn(student, target, mask=None, **hparams) -> f32 scalar.
 
+Longer than ~400 lines because it holds every loss with its validation, in one module that
+imports nothing but jax.
+
 Conventions shared by every loss here:
 
 * Reduction is a masked mean over the valid rows (or entries, for the per-action

@@ -1,5 +1,8 @@
 """HF transformers checkpoints <-> jaxdistill models: configs, safetensors import, export, tokenizers.
 
+Longer than ~400 lines because the HF boundary of five families (config mapping, weight tables,
+import, export) shares one weight map.
+
 Import (`load_hf`) reads `*.safetensors` (single file or sharded with
 `model.safetensors.index.json`) and builds every weight with `jax.make_array_from_callback`
 directly in the sharding the logical-axis rules give it: each device's callback reads only its
