@@ -563,8 +563,10 @@ def test_registry():
     assert set(L.LOSSES) == {
         "forward_kl", "reverse_kl", "jsd", "logit_mse", "bce", "soft_bce", "listnet",
         "margin_mse", "hidden_mse", "hidden_cosine", "cross_entropy", "token_kl",
-        "sparse_token_kl", "uld"}
+        "sparse_token_kl", "uld", "token_ce"}
     assert L.LOSSES["token_kl"].fn is L.chunked_token_kl
+    assert {name for name, loss in L.LOSSES.items() if loss.level == "token"} == {
+        "token_kl", "sparse_token_kl", "uld", "token_ce"}
 
 
 # -------------------------------------------------------------- (d) validation errors
