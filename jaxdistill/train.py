@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxdistill import config as config_lib
 from jaxdistill import evaluator as evaluator_lib
@@ -377,6 +378,7 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
         last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         last_metrics["steps_per_second"] = window_steps / max(now - window_start, 1e-9)
+        last_metrics["flops_per_second"] = total_flops * last_metrics["steps_per_second"]
         if cfg.data.skip_malformed:
             last_metrics["malformed_records"] = malformed
         window_start, window_steps = now, 0
@@ -410,9 +412,11 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
 
     try:
         device_batch = host_batch() if step < trainer.steps else None
+        total_flops = 0.0
         if device_batch is not None:
             step_fn = compile_step(distiller, mesh, rules, state, teacher_params, device_batch
                                    ).lower(state, teacher_params, device_batch).compile()
+            total_flops = _record_flops(run_dir, distiller, device_batch)
         bar = progress_bar(trainer.steps, initial=step, enabled=trainer.progress)
         window_start, window_steps = time.perf_counter(), 0
         while step < trainer.steps:
@@ -459,6 +463,21 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
     return RunResult(run_dir=run_dir, step=step, metrics=last_metrics,
                      eval_metrics={f"eval/{k}": v for k, v in _scalars(eval_metrics).items()},
                      checkpoint_dir=checkpointer.directory, preempted=preempted)
+
+
+def _record_flops(run_dir: Path, distiller, batch) -> float:
+    """FLOPs of one step split by model (`flops.FORMULA`: teachers' forwards 2·N·tokens, the
+    student's 6·N·tokens, attention counted), added to run.json; returns their total."""
+    from jaxdistill.flops import step_flops
+
+    ids = batch["input_ids"]
+    flops = step_flops(distiller.student, distiller.teachers, int(np.prod(ids.shape[:-1])),
+                       int(ids.shape[-1]))
+    if jax.process_index() == 0 and (run_dir / RUN_FILE).is_file():
+        info = json.loads((run_dir / RUN_FILE).read_text())
+        info["flops_per_step"] = flops
+        (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return float(flops["total"])
 
 
 def _to_device(batch, mesh, rules):

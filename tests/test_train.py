@@ -95,11 +95,17 @@ def test_run_writes_config_metrics_and_tensorboard(teacher_run):
     assert (result.run_dir / "config.yaml").is_file()
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["policy_sha256"] == config_lib.file_hash(policy)
+    # FLOPs per step by model (6·N·tokens for a student with no teachers, attention on top).
+    flops = info["flops_per_step"]
+    student = flops["models"]["student"]
+    assert flops["tokens"] == 8 * 3 * 16 and set(flops["models"]) == {"student"}
+    assert student["flops"] >= 6 * student["non_embedding"] * flops["tokens"]
     lines = read_metrics(result.run_dir)
     train_steps = [line["step"] for line in lines if "loss/grades" in line]
     eval_steps = [line["step"] for line in lines if "eval/loss/grades" in line]
     assert train_steps == [2, 4, 6, 8] and eval_steps == [2, 4, 6, 8]
     assert all(np.isfinite(line["loss/grades"]) for line in lines if "loss/grades" in line)
+    assert all(line["flops_per_second"] > 0 for line in lines if "loss/grades" in line)
     assert all("eval/agreement/grades" in line for line in lines if "eval/loss/grades" in line)
     assert any(p.name.startswith("events.out.tfevents") for p in (result.run_dir / "tb").iterdir())
     assert result.eval_metrics["eval/loss/grades"] == eval_lines(result)[-1]["eval/loss/grades"]
