@@ -31,7 +31,8 @@ import numpy as np
 from pydantic import Field
 
 from jaxdistill import config as config_lib
-from jaxdistill.pipeline import StageOutput, _done, _json_number, _mark_done, _Strict, digest
+from jaxdistill.pipeline import (StageOutput, _done, _json_number, _mark_done, _Strict, digest,
+                                 train_stage)
 
 DATA_FORMAT_VERSION = 2  # bump when the world's records change shape
 EVALUATION_VERSION = 2  # bump when evaluation changes what it measures
@@ -177,28 +178,11 @@ def stage_experiment(cfg: ChatPipelineConfig, name: str, base_dir: Path, preset:
 def run_stage(cfg: ChatPipelineConfig, name: str, base_dir: Path, workdir: Path,
               preset: ChatPresetSpec, data: StageOutput, policy_path: Path, policy_hash: str,
               upstream: Mapping[str, StageOutput]) -> StageOutput:
-    from jaxdistill import train
-
     keyed = stage_experiment(cfg, name, base_dir, preset, data, policy_path, upstream,
                              for_key=True)
-    payload = keyed.model_dump(mode="json")
-    payload.pop("policy")  # a path; its content is in the key through policy_hash
-    key = digest({"experiment": payload, "policy": policy_hash, "data": data.key})
-    out = workdir / name / key
     experiment = stage_experiment(cfg, name, base_dir, preset, data, policy_path, upstream,
                                   for_key=False)
-    if _done(out):
-        return StageOutput(name, key, out, cached=True, seconds=0.0, experiment=experiment)
-    _say(f"{name}: training ({experiment.trainer.steps} steps) -> {out}")
-    start = time.time()
-    result = train.run(experiment, out, resume=True, report=False)
-    if result.preempted:
-        raise SystemExit(f"{name}: stopped at step {result.step} (preempted); run the pipeline "
-                         "again to resume it")
-    seconds = time.time() - start
-    _mark_done(out, {"key": key, "step": result.step, "seconds": seconds,
-                     "eval": result.eval_metrics})
-    return StageOutput(name, key, out, cached=False, seconds=seconds, experiment=experiment)
+    return train_stage(name, keyed, experiment, workdir, policy_hash, data)
 
 
 # -------------------------------------------------------------------------- evaluation

@@ -230,15 +230,23 @@ def _stage_spec(cfg: PipelineConfig, name: str) -> StageSpec:
 def run_stage(cfg: PipelineConfig, name: str, base_dir: Path, workdir: Path, preset: PresetSpec,
               data: StageOutput, policy_path: Path, policy_hash: str,
               upstream: Mapping[str, StageOutput]) -> StageOutput:
+    keyed = stage_experiment(cfg, name, base_dir, preset, data, policy_path, upstream, for_key=True)
+    experiment = stage_experiment(cfg, name, base_dir, preset, data, policy_path, upstream,
+                                  for_key=False)
+    return train_stage(name, keyed, experiment, workdir, policy_hash, data)
+
+
+def train_stage(name: str, keyed: config_lib.Experiment, experiment: config_lib.Experiment,
+                workdir: Path, policy_hash: str, data: StageOutput) -> StageOutput:
+    """Trains a stage's experiment in `workdir/name/<key>`, or reuses it while its key (the
+    config as keyed, with inputs replaced by their keys; the policy's hash; the data's key) is
+    unchanged. A stage stopped half-way resumes from its checkpoint on the next run."""
     from jaxdistill import train
 
-    keyed = stage_experiment(cfg, name, base_dir, preset, data, policy_path, upstream, for_key=True)
     payload = keyed.model_dump(mode="json")
     payload.pop("policy")  # a path; its content is in the key through policy_hash
     key = digest({"experiment": payload, "policy": policy_hash, "data": data.key})
     out = workdir / name / key
-    experiment = stage_experiment(cfg, name, base_dir, preset, data, policy_path, upstream,
-                                  for_key=False)
     if _done(out):
         return StageOutput(name, key, out, cached=True, seconds=0.0, experiment=experiment)
     _say(f"{name}: training ({experiment.trainer.steps} steps) -> {out}")
