@@ -32,7 +32,7 @@ from pydantic import Field
 
 from jaxdistill import config as config_lib
 from jaxdistill.pipeline import (StageOutput, _done, _json_number, _mark_done, _Strict, digest,
-                                 train_stage)
+                                 read_pipeline, train_stage)
 
 DATA_FORMAT_VERSION = 2  # bump when the world's records change shape
 EVALUATION_VERSION = 2  # bump when evaluation changes what it measures
@@ -73,13 +73,7 @@ class ChatPipelineConfig(_Strict):
 
 def load_chat_pipeline(path: str | Path) -> tuple[ChatPipelineConfig, Path]:
     path = Path(path)
-    data = config_lib.read_yaml(path)
-    try:
-        cfg = ChatPipelineConfig.model_validate(data)
-    except Exception as err:  # pydantic.ValidationError
-        if hasattr(err, "errors"):
-            raise config_lib.ConfigError(config_lib.format_errors(err, data, str(path))) from None
-        raise
+    cfg = read_pipeline(path, ChatPipelineConfig)
     for name, stage in cfg.stages.items():
         unknown = [s for s in stage.teachers.values() if s not in cfg.stages]
         if unknown:

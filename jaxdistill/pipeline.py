@@ -94,15 +94,20 @@ class StageOutput:
     experiment: config_lib.Experiment | None = None
 
 
-def load_pipeline(path: str | Path) -> tuple[PipelineConfig, Path]:
-    path = Path(path)
+def read_pipeline(path: Path, schema: type[BaseModel]):
+    """A pipeline YAML (its `base:` merged) validated by `schema`; errors name file and key."""
     data = config_lib.read_yaml(path)
     try:
-        cfg = PipelineConfig.model_validate(data)
+        return schema.model_validate(data)
     except Exception as err:  # pydantic.ValidationError
         if hasattr(err, "errors"):
             raise config_lib.ConfigError(config_lib.format_errors(err, data, str(path))) from None
         raise
+
+
+def load_pipeline(path: str | Path) -> tuple[PipelineConfig, Path]:
+    path = Path(path)
+    cfg = read_pipeline(path, PipelineConfig)
     for name, stage in cfg.stages.items():
         unknown = [s for s in [*stage.teachers.values(), stage.warm_start]
                    if s and s not in cfg.stages and s != JUDGE]
