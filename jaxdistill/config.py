@@ -230,6 +230,20 @@ class LoggingSection(_Section):
     wandb_project: str | None = None
 
 
+class OnPolicySection(_Section):
+    """On-policy distillation (generalised KD, Agarwal et al. 2024; see `jaxdistill.on_policy`):
+    with probability `fraction` a step trains on the student's own responses to its batch's
+    prompts instead of the batch's responses, and the teachers score those tokens. Sampling:
+    up to `max_new_tokens` tokens at `temperature` (0 = greedy), `top_k` (0 = off), `top_p`
+    (1 = off); a response is cut where the row reaches data.max_len."""
+
+    fraction: float = Field(ge=0, le=1, description="probability that a step is on-policy")
+    max_new_tokens: int = Field(default=32, ge=1)
+    temperature: float = Field(default=1.0, ge=0)
+    top_k: int = Field(default=0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+
+
 class Experiment(_Section):
     """One run: train a model on labels (no teachers) or distil a student from teachers."""
 
@@ -245,6 +259,9 @@ class Experiment(_Section):
     mesh: MeshSection = Field(default_factory=MeshSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    # Left out of the resolved config when unset, so configs (and pipeline stage keys, resume
+    # checks) written before the section existed read the same.
+    on_policy: OnPolicySection | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _check_references(self):
@@ -262,7 +279,35 @@ class Experiment(_Section):
         names = [t.name for t in self.objective]
         if len(set(names)) != len(names):
             raise ValueError(f"objective term names must be unique, got {names}")
+        if self.on_policy is not None:
+            self._check_on_policy()
         return self
+
+    def _check_on_policy(self) -> None:
+        """What sampling the student's responses needs: chat data in unpacked rows, an `lm`
+        head (so a decoder student), room in data.max_len, and every teacher a term reads live
+        (a cached teacher has no outputs for tokens sampled during the run)."""
+        problems = []
+        if self.data.kind != "chat":
+            problems.append(f"needs chat data (prompts and responses), found data.kind "
+                            f"{self.data.kind!r}")
+        if self.data.pack:
+            problems.append("needs one conversation per row; set data.pack: false")
+        lm_heads = [n for n, h in self.model.heads.items() if getattr(h, "type", None) == "lm"]
+        if not lm_heads:
+            problems.append(f"the student samples its responses with an 'lm' head; model.heads "
+                            f"has {sorted(self.model.heads)} (add e.g. lm: {{type: lm}})")
+        if self.on_policy.max_new_tokens >= self.data.max_len:
+            problems.append(f"max_new_tokens ({self.on_policy.max_new_tokens}) must be "
+                            f"below data.max_len ({self.data.max_len}): a sampled row is the "
+                            "prompt and the response within data.max_len tokens")
+        cached = sorted({t.teacher for t in self.objective if t.teacher is not None
+                         and self.teachers[t.teacher].source.kind == "offline"})
+        if cached:
+            problems.append(f"teachers {cached} are cached (source offline:) and cannot score "
+                            "the student's samples; give them a run: or hf: source")
+        if problems:
+            raise ValueError("on_policy: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -65,6 +65,26 @@ class Setup:
         return {**scores.terms, **evaluator_lib.head_metrics(
             student_cfg, scores, self.cfg.objective, action_names=self.action_names)}
 
+    def sampler(self):
+        """The on-policy sampling program's spec (`on_policy.Sampler`), or None when no step
+        samples (no `on_policy`, or fraction 0)."""
+        on_policy = self.cfg.on_policy
+        if on_policy is None or on_policy.fraction == 0:
+            return None
+        from jaxdistill.data.batches import tokenizer
+        from jaxdistill.on_policy import Sampler
+
+        student_tokenizer = tokenizer(self.cfg.data.tokenizer)
+        if student_tokenizer.eos_token_id is None:
+            raise config_lib.ConfigError(
+                f"on_policy: data.tokenizer {self.cfg.data.tokenizer!r} has no eos token, so "
+                "a sampled response cannot end; use a tokenizer with one")
+        return Sampler(self.distiller.student, seed=self.cfg.seed,
+                       max_new_tokens=on_policy.max_new_tokens,
+                       eos_id=student_tokenizer.eos_token_id,
+                       pad_id=student_tokenizer.pad_token_id, temperature=on_policy.temperature,
+                       top_k=on_policy.top_k, top_p=on_policy.top_p)
+
     def check_labels(self) -> None:
         """The training split's labels fit the heads they train (first offending record named)."""
         from jaxdistill.data.sources import open_source
@@ -83,6 +103,11 @@ def setup(cfg: config_lib.Experiment, *, teachers: bool = True) -> Setup:
     used = {t.teacher for t in cfg.objective if t.teacher is not None} if teachers else set()
     loaded = loader.load_teachers(cfg, mesh=mesh, rules=rules, names=used)
     token_keys = loader.tokenizer_keys(cfg.data.tokenizer, loaded)
+    if cfg.on_policy is not None and token_keys:
+        raise config_lib.ConfigError(
+            f"on_policy: teachers {sorted(token_keys)} read another tokenizer than the "
+            f"student's ({cfg.data.tokenizer!r}); the student's samples exist only in its own "
+            "tokens, so on-policy distillation needs every teacher on the student's tokenizer")
     optimizer, schedule = make_optimizer(cfg.optimizer)
     token_specs = {key: loaded.online[name].tokenizer for name, key in token_keys.items()}
     loaded = _quantize_teachers(cfg, loaded, token_keys, token_specs, mesh, rules)

@@ -14,7 +14,10 @@ Inside the step call host<->device transfers are errors (`jax.transfer_guard("di
 a stray numpy value in the batch fails loudly instead of silently syncing. The step is compiled
 ahead of the loop from the shardings the model declares, so a fresh and a resumed run run the
 same program, and the progress bar's rate and ETA count only training steps (compilation,
-evaluation and checkpoint saves are left out).
+evaluation and checkpoint saves are left out). With `on_policy`, the steps its (seed, step)
+draw picks first replace their batch by the student's own responses (`jaxdistill.on_policy`:
+a second program, compiled ahead with the step, same batch shapes and shardings); the logs
+carry `on_policy/fraction` (of steps so far) and `on_policy/sampled_tokens` (mean per row).
 
 Resume continues exactly: student state and the grain iterator's position come from the
 latest complete checkpoint, and the run refuses to continue with teachers that differ from
@@ -58,6 +61,7 @@ from jaxdistill.data.pipeline import iterator_state, restore_iterator
 from jaxdistill.distill.step import abstract_state, compile_step, init_sharded_state
 from jaxdistill.loader import TeacherMismatchError
 from jaxdistill.metrics import MetricWriter, progress_bar, truncate_metrics
+from jaxdistill.on_policy import is_on_policy, on_policy_steps
 from jaxdistill.runlock import RunLock
 
 log = logging.getLogger(__name__)
@@ -119,6 +123,8 @@ def write_run_files(cfg: config_lib.Experiment, run_dir: Path, *, resumed_from: 
         "devices": jax.device_count(),
         "processes": jax.process_count(),
     }
+    if cfg.on_policy is not None:
+        info["on_policy"] = cfg.on_policy.model_dump(mode="json")
     (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -298,6 +304,7 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
     cfg, mesh, rules, distiller = s.cfg, s.mesh, s.rules, s.distiller
     trainer = cfg.trainer
     teacher_params = s.teachers.params
+    sampler = s.sampler()
 
     train_iter = iter(s.batches(cfg.data.train_split, train=True))
     restored = _restore(checkpointer, abstract_state(distiller, mesh, rules), resume=resume,
@@ -335,6 +342,19 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
     skipped_before = int(jax.device_get(state["skipped"]))
     streak: list[tuple[int, list[str]]] = []  # consecutive skipped steps and what was non-finite
     bar = None
+    # On-policy steps so far and the mean sampled length of each since the last log.
+    on_policy_count = on_policy_steps(cfg.seed, step, cfg.on_policy.fraction) if sampler else 0
+    sampled_lengths: list[jax.Array] = []
+
+    def on_policy_metrics(at_step: int) -> dict[str, Any]:
+        """The fraction of steps 1..at_step that trained on samples, and (device values, read
+        when logged) the sampled lengths of the window's on-policy steps."""
+        if cfg.on_policy is None:
+            return {}
+        out = {"on_policy/fraction": on_policy_count / at_step,
+               "sampled": list(sampled_lengths)}
+        sampled_lengths.clear()
+        return out
 
     def check_skipped():
         """Ends the run once `trainer.max_skipped_updates` updates in a row were skipped."""
@@ -373,9 +393,14 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
         nonlocal pending, last_metrics, window_start, window_steps
         if pending is None:
             return
-        logged_step, metrics = pending
+        logged_step, metrics, on_policy = pending
         pending = None
         last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if on_policy:
+            last_metrics["on_policy/fraction"] = on_policy["on_policy/fraction"]
+            if on_policy["sampled"]:
+                last_metrics["on_policy/sampled_tokens"] = float(np.mean(
+                    jax.device_get(on_policy["sampled"])))
         now = time.perf_counter()
         last_metrics["steps_per_second"] = window_steps / max(now - window_start, 1e-9)
         last_metrics["flops_per_second"] = total_flops * last_metrics["steps_per_second"]
@@ -417,10 +442,17 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
             step_fn = compile_step(distiller, mesh, rules, state, teacher_params, device_batch
                                    ).lower(state, teacher_params, device_batch).compile()
             total_flops = _record_flops(run_dir, distiller, device_batch)
+            sample_fn = sampler.compile(mesh, rules, state["params"], device_batch) \
+                if sampler is not None else None
         bar = progress_bar(trainer.steps, initial=step, enabled=trainer.progress)
         window_start, window_steps = time.perf_counter(), 0
         while step < trainer.steps:
             with jax.transfer_guard("disallow"):
+                if sampler is not None and is_on_policy(cfg.seed, step, cfg.on_policy.fraction):
+                    device_batch, sampled = sample_fn(state["params"], device_batch,
+                                                      state["step"])
+                    sampled_lengths.append(sampled)
+                    on_policy_count += 1
                 state, metrics = step_fn(state, teacher_params, device_batch)
             check_skipped()  # the previous step's, now that this one is dispatched
             watched = (step + 1, metrics)
@@ -432,7 +464,7 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
                 device_batch = host_batch()  # read while the step runs
             log_pending()
             if step % trainer.log_every == 0 or step == trainer.steps:
-                pending = (step, metrics)
+                pending = (step, metrics, on_policy_metrics(step))
             bar.update(1)
 
             evaluated = evaluator is not None and (step % trainer.eval_every == 0

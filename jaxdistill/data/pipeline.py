@@ -16,6 +16,7 @@ from typing import Any
 import grain
 import grain.experimental
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -191,15 +192,21 @@ CHAT_MASKS = ("loss_mask", "answer_mask", "next_loss_mask", "next_answer_mask",
 
 
 def _chat_masks(aux_xT: np.ndarray) -> dict[str, np.ndarray]:
-    """A chat row's masks from its token aux bits (see `tokens`): `loss_mask` (bit 0),
-    `answer_mask` (bit 1), and each shifted left by one (`next_*`, as
-    `losses.next_token_mask`): the positions whose next token is a response / answer token,
-    the mask a token-level term reads; `next_style_mask`: response tokens outside the answer
-    span (a register teacher that should not vote on the facts)."""
-    loss_xT, answer_xT = aux_xT & 1, (aux_xT >> 1) & 1
+    """A chat row's masks from its token aux bits (see `tokens`): bit 0 the loss mask, bit 1
+    the answer mask."""
+    return chat_masks(aux_xT & 1, (aux_xT >> 1) & 1)
+
+
+def chat_masks(loss_xT, answer_xT) -> dict[str, Any]:
+    """Every mask of a chat batch from its `loss_mask` and `answer_mask` (numpy arrays, or jax
+    arrays inside a jitted program such as on-policy sampling): those two, and each shifted
+    left by one (`next_*`, as `losses.next_token_mask`): the positions whose next token is a
+    response / answer token, the mask a token-level term reads; `next_style_mask`: response
+    tokens outside the answer span (a register teacher that should not vote on the facts)."""
+    xp = np if isinstance(loss_xT, np.ndarray) else jnp
 
     def shifted(mask_xT):
-        return np.concatenate([mask_xT[..., 1:], np.zeros_like(mask_xT[..., :1])], axis=-1)
+        return xp.concatenate([mask_xT[..., 1:], xp.zeros_like(mask_xT[..., :1])], axis=-1)
 
     return {"loss_mask": loss_xT, "answer_mask": answer_xT, "next_loss_mask": shifted(loss_xT),
             "next_answer_mask": shifted(answer_xT),

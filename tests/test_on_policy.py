@@ -1,0 +1,220 @@
+"""On-policy distillation in the loop: the per-step draw, the student's samples as the step's
+batch (scored by the teachers as a dense KL would), fraction 0 = off-policy, exact resume."""
+import json
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdistill import config as config_lib
+from jaxdistill import parallel, runs, train
+from jaxdistill.checkpoint import load_params
+from jaxdistill.data import sources
+from jaxdistill.data.tokenizer import load_tokenizer
+from jaxdistill.distill.step import init_sharded_state
+from jaxdistill.generate import generate
+from jaxdistill.metrics import read_metrics
+from jaxdistill.models.hf import export_hf
+from jaxdistill.models.model import ModelConfig, functional
+from jaxdistill.on_policy import is_on_policy, on_policy_steps, prompt_mask
+from tests.weights import random_params
+
+WORDS = "python java data engineer remote senior nurse teacher london berlin".split()
+MAX_LEN, NEW = 24, 8
+
+
+def chat_records(n, rng):
+    return [{"messages": [
+        {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))},
+        {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(4))}]}
+        for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("builtin:wordpiece")
+
+
+def backbone(tokenizer, hidden):
+    return {"type": "decoder", "vocab_size": len(tokenizer), "hidden": hidden, "layers": 1,
+            "heads": 2, "kv_heads": 1, "head_dim": 16, "mlp": 64, "dtype": "float32",
+            "remat": "none"}
+
+
+@pytest.fixture(scope="module")
+def world(tokenizer, tmp_path_factory):
+    """A chat dataset and a random teacher written as an HF directory (nothing trained)."""
+    root = tmp_path_factory.mktemp("on_policy")
+    rng = random.Random(0)
+    data = sources.write_dataset({"train": chat_records(32, rng)}, "chat", root / "chat")
+    cfg = ModelConfig(backbone=backbone(tokenizer, 48), heads={"lm": {"type": "lm"}})
+    # Large weights: a peaked teacher, so its KL to the student is far from any other batch's.
+    teacher = export_hf(cfg, random_params(functional(cfg), 1, stddev=0.5), root / "teacher")
+    return data, teacher
+
+
+def experiment(world, tokenizer, name, **overrides):
+    data_dir, teacher_dir = world
+    data = {
+        "name": name,
+        "model": {"backbone": backbone(tokenizer, 32), "heads": {"lm": {"type": "lm"}}},
+        "teachers": {"tone": {"source": f"hf:{teacher_dir}", "heads": {"lm": {"type": "lm"}},
+                              "dtype": "float32"}},
+        # The same teacher on two masks: off-policy they differ, on a sample they agree.
+        "objective": [
+            {"name": "response", "loss": "token_kl", "student": "lm", "teacher": "tone",
+             "mask": "next_loss_mask"},
+            {"name": "answer", "loss": "token_kl", "student": "lm", "teacher": "tone",
+             "mask": "next_answer_mask"}],
+        "data": {"path": str(data_dir), "kind": "chat", "tokenizer": "builtin:wordpiece",
+                 "max_len": MAX_LEN, "batch_size": 8, "eval_split": None},
+        "optimizer": {"learning_rate": 1e-2, "warmup_steps": 1, "total_steps": 20},
+        "trainer": {"steps": 4, "log_every": 1, "progress": False},
+        "checkpoint": {"every": 100, "async_save": False},
+        "logging": {"tensorboard": False},
+    }
+    return config_lib.validate(config_lib.merge(data, overrides), source=name)
+
+
+def losses_of(run_dir):
+    return [{k: v for k, v in line.items() if k.startswith("loss/")}
+            for line in read_metrics(run_dir)]
+
+
+def test_the_draw_depends_on_seed_and_step_only():
+    assert not any(is_on_policy(0, step, 0.0) for step in range(50))
+    assert all(is_on_policy(0, step, 1.0) for step in range(50))
+    draws = [is_on_policy(3, step, 0.3) for step in range(2000)]
+    assert draws == [is_on_policy(3, step, 0.3) for step in range(2000)]
+    assert 0.27 < np.mean(draws) < 0.33
+    assert draws != [is_on_policy(4, step, 0.3) for step in range(2000)]
+    assert on_policy_steps(3, 100, 0.3) == sum(draws[:100])
+
+
+def test_bad_on_policy_configs_name_the_key(world, tokenizer):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"on_policy.fraction: expected less than or equal to 1, found 1.5"):
+        experiment(world, tokenizer, "bad", on_policy={"fraction": 1.5})
+    with pytest.raises(config_lib.ConfigError, match=r"on_policy: max_new_tokens \(24\) must be "
+                                                     r"below data.max_len \(24\)"):
+        experiment(world, tokenizer, "bad", on_policy={"fraction": 0.5, "max_new_tokens": 24})
+    listwise = experiment(world, tokenizer, "x").model_dump(mode="json")
+    listwise.update(
+        on_policy={"fraction": 0.5}, teachers={},
+        model={**listwise["model"], "heads": {"relevance": {"type": "token_score",
+                                                            "token_ids": [1, 2]}}},
+        objective=[{"name": "grades", "loss": "listnet", "student": "relevance",
+                    "label": "grade", "transform": "log_odds", "mask": "candidate_mask"}],
+        data={**listwise["data"], "kind": "listwise", "list_size": 3})
+    with pytest.raises(config_lib.ConfigError, match=r"on_policy: needs chat data .*found "
+                       r"data.kind 'listwise'; the student samples its responses with an 'lm' "
+                       r"head; model.heads has \['relevance'\]"):
+        config_lib.validate(listwise, source="listwise.yaml")
+    with pytest.raises(config_lib.ConfigError, match=r"on_policy: teachers \['tone'\] are cached"):
+        experiment(world, tokenizer, "bad", on_policy={"fraction": 0.5, "max_new_tokens": NEW},
+                   teachers={"tone": {"source": "offline:/nowhere", "heads": None}})
+    # Unset, the section is not in the resolved config (older run configs read the same).
+    import yaml
+
+    assert "on_policy" not in yaml.safe_load(config_lib.resolved_yaml(
+        experiment(world, tokenizer, "x")))
+
+
+@pytest.mark.slow  # ~15 s on two cores: two short runs
+def test_fraction_zero_is_the_off_policy_trajectory(world, tokenizer, tmp_path):
+    off = train.run(experiment(world, tokenizer, "off"), tmp_path / "off", report=False)
+    zero = train.run(experiment(world, tokenizer, "zero", on_policy={"fraction": 0.0, "max_new_tokens": NEW}),
+                     tmp_path / "zero", report=False)
+    assert losses_of(off.run_dir) == losses_of(zero.run_dir)
+    assert losses_of(off.run_dir)[0]["loss/response"] != losses_of(off.run_dir)[0]["loss/answer"]
+    for a, b in zip(jax.tree.leaves(load_params(off.run_dir)[1]),
+                    jax.tree.leaves(load_params(zero.run_dir)[1]), strict=True):
+        assert np.array_equal(a, b)
+    assert json.loads((zero.run_dir / "run.json").read_text())["on_policy"]["fraction"] == 0.0
+    assert read_metrics(zero.run_dir)[-1]["on_policy/fraction"] == 0.0
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.slow  # ~15 s on two cores: a run, then its first sampled batch rebuilt
+def test_fraction_one_trains_on_the_students_samples_scored_by_the_teacher(world, tokenizer,
+                                                                           tmp_path):
+    cfg = experiment(world, tokenizer, "one", trainer={"steps": 1},
+                     on_policy={"fraction": 1.0, "max_new_tokens": NEW})
+    result = train.run(cfg, tmp_path / "one", report=False)
+    (logged,) = read_metrics(result.run_dir)
+    assert logged["on_policy/fraction"] == 1.0
+
+    # What step 0 received: the first batch's prompts continued by the initial student.
+    s = runs.setup(cfg)
+    params = init_sharded_state(s.distiller, cfg.seed, s.mesh, s.rules)["params"]
+    batch = dict(next(iter(s.batches(cfg.data.train_split, train=True))))
+    device_batch = parallel.shard_batch(batch, s.mesh, s.rules)
+    sampler = s.sampler()
+    sampled, length = sampler.compile(s.mesh, s.rules, params, device_batch)(
+        params, device_batch, jnp.zeros((), jnp.int32))
+    assert sampled["input_ids"].sharding == device_batch["input_ids"].sharding
+    sampled = {k: np.asarray(v) for k, v in sampled.items()}
+    prompt = np.asarray(prompt_mask(batch))
+    tokens, emitted = map(np.asarray, generate(
+        s.distiller.student, params, batch["input_ids"], prompt, max_new_tokens=NEW,
+        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=1.0,
+        rng=jax.random.fold_in(jax.random.key(cfg.seed), 0)))
+    for row in range(len(prompt)):
+        n_prompt = int(prompt[row].sum())
+        response = tokens[row][emitted[row] == 1][:MAX_LEN - n_prompt]
+        width = n_prompt + len(response)
+        np.testing.assert_array_equal(sampled["input_ids"][row, :width],
+                                      np.concatenate([batch["input_ids"][row, :n_prompt],
+                                                      response]))
+        np.testing.assert_array_equal(sampled["loss_mask"][row],
+                                      (np.arange(MAX_LEN) >= n_prompt) & (np.arange(MAX_LEN)
+                                                                          < width))
+        assert sampled["attention_mask"][row].sum() == width
+    assert not np.array_equal(sampled["input_ids"], batch["input_ids"])
+    assert logged["on_policy/sampled_tokens"] == pytest.approx(
+        sampled["loss_mask"].sum(-1).mean(), rel=1e-6) == pytest.approx(float(length))
+    np.testing.assert_array_equal(sampled["answer_mask"], sampled["loss_mask"])
+    np.testing.assert_array_equal(sampled["record_index"], batch["record_index"])
+
+    # The teacher's KL on those tokens, as a plain dense loss over the full vocabulary.
+    def log_probs(model, model_params):
+        hidden, unembed = model.apply(model_params, sampled)["lm"]
+        return _log_softmax(np.asarray(hidden, np.float64) @ np.asarray(unembed, np.float64))
+
+    log_t = log_probs(s.teachers.models["tone"], s.teachers.params["tone"])
+    log_s = log_probs(s.distiller.student, params)
+    kl_BxT = np.sum(np.exp(log_t) * (log_t - log_s), axis=-1)
+    weight = sampled["next_loss_mask"].astype(np.float64)
+    dense_kl = float(np.sum(kl_BxT * weight) / weight.sum())
+    assert logged["loss/response"] == pytest.approx(dense_kl, rel=1e-4)
+    assert logged["loss/answer"] == pytest.approx(dense_kl, rel=1e-4)
+
+
+@pytest.mark.slow  # ~20 s on two cores: three short runs
+def test_resume_with_on_policy_is_bitwise_exact(world, tokenizer, tmp_path):
+    on_policy = {"fraction": 0.5, "max_new_tokens": NEW}
+    draws = [is_on_policy(0, step, 0.5) for step in range(4)]
+    assert any(draws[2:]) and not all(draws)  # both kinds of step after the resume point
+    full = train.run(experiment(world, tokenizer, "full", on_policy=on_policy),
+                     tmp_path / "full", report=False)
+    half = experiment(world, tokenizer, "split", on_policy=on_policy, trainer={"steps": 2})
+    train.run(half, tmp_path / "split", report=False)
+    resumed = train.run(experiment(world, tokenizer, "split", on_policy=on_policy),
+                        tmp_path / "split", report=False)
+    assert json.loads((resumed.run_dir / "run.json").read_text())["resumed_from_step"] == 2
+    assert read_metrics(resumed.run_dir) == [
+        {**line, "steps_per_second": line_b["steps_per_second"],
+         "flops_per_second": line_b["flops_per_second"]}
+        for line, line_b in zip(read_metrics(full.run_dir), read_metrics(resumed.run_dir),
+                                strict=True)]
+    assert [line["on_policy/fraction"] for line in read_metrics(full.run_dir)] == [
+        sum(draws[:n]) / n for n in range(1, 5)]
+    for a, b in zip(jax.tree.leaves(load_params(full.run_dir)[1]),
+                    jax.tree.leaves(load_params(resumed.run_dir)[1]), strict=True):
+        assert np.array_equal(a, b)
