@@ -65,7 +65,8 @@ def prompt_mask(batch: Mapping[str, Any]) -> jax.Array:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Sampler:
     """`(params, batch, step) -> (batch, sampled_tokens)`: the student's responses to the
-    batch's prompts as a batch of the same shapes, and the mean sampled tokens per row."""
+    batch's prompts as a batch of the same keys and shapes, and the mean sampled tokens per
+    row."""
 
     student: Functional
     seed: int
@@ -88,9 +89,10 @@ class Sampler:
         # like a prepared record longer than data.max_len).
         sampled = {k: v[:, :length] for k, v in sampled.items()}
         loss_BxT = sampled["loss_mask"]
-        out = {**batch, "input_ids": sampled["input_ids"].astype(ids_BxT.dtype),
-               "attention_mask": sampled["attention_mask"], **chat_masks(loss_BxT, loss_BxT)}
-        out = {k: v.astype(batch[k].dtype) if k in batch else v for k, v in out.items()}
+        replaced = {"input_ids": sampled["input_ids"],
+                    "attention_mask": sampled["attention_mask"], **chat_masks(loss_BxT, loss_BxT)}
+        # The batch's own keys and dtypes: the step was compiled for them.
+        out = {k: replaced[k].astype(v.dtype) if k in replaced else v for k, v in batch.items()}
         return out, jnp.mean(jnp.sum(loss_BxT, axis=-1).astype(jnp.float32))
 
     def compile(self, mesh, rules: parallel.Rules, params: Params, batch: Mapping[str, Any]):

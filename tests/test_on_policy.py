@@ -218,3 +218,41 @@ def test_resume_with_on_policy_is_bitwise_exact(world, tokenizer, tmp_path):
     for a, b in zip(jax.tree.leaves(load_params(full.run_dir)[1]),
                     jax.tree.leaves(load_params(resumed.run_dir)[1]), strict=True):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.slow  # ~10 s on two cores: the sampler compiled for two meshes
+def test_sampling_on_a_sharded_mesh_draws_what_one_device_draws():
+    # Vocabulary over `tensor`, weights over `fsdp`, rows over `data` and `fsdp`: the same
+    # tokens as unsharded, and the batch comes back in the batch's sharding.
+    from jaxdistill.on_policy import Sampler
+
+    model = functional(ModelConfig(
+        backbone={"type": "decoder", "vocab_size": 64, "hidden": 32, "layers": 1, "heads": 2,
+                  "kv_heads": 2, "head_dim": 16, "mlp": 64, "dtype": "float32", "remat": "none"},
+        heads={"lm": {"type": "lm"}}))
+    params = random_params(model, 0, stddev=0.5)
+    rng = np.random.default_rng(0)
+    real = np.arange(16)[None] < rng.integers(8, 16, (8, 1))
+    loss = (np.arange(16)[None] >= rng.integers(2, 6, (8, 1))) & real
+    batch = {"input_ids": (rng.integers(2, 64, (8, 16)) * real).astype(np.int32),
+             "attention_mask": real.astype(np.int32), "loss_mask": loss.astype(np.int32),
+             "record_index": np.arange(8, dtype=np.int32)}
+    sampler = Sampler(model, seed=0, max_new_tokens=6, eos_id=1, pad_id=0)
+    drawn = []
+    for mesh in (jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
+                                   parallel.MESH_AXES), parallel.make_mesh((2, 2, 2))):
+        rules = dict(parallel.DEFAULT_RULES)
+        sharded_params = jax.device_put(params, model.shardings(mesh, rules))
+        device_batch = parallel.shard_batch(batch, mesh, rules)
+        out, _ = sampler.compile(mesh, rules, sharded_params, device_batch)(
+            sharded_params, device_batch, jnp.asarray(3, jnp.int32))
+        assert all(out[k].sharding == device_batch[k].sharding for k in device_batch)
+        drawn.append(jax.tree.map(np.asarray, out))
+    assert set(drawn[0]) == set(batch)
+    np.testing.assert_array_equal(drawn[0]["record_index"], batch["record_index"])
+    for key in drawn[0]:
+        np.testing.assert_array_equal(drawn[0][key], drawn[1][key])
+    # The prompts are kept and the responses are new tokens.
+    prompt = np.asarray(prompt_mask(batch)).astype(bool)
+    np.testing.assert_array_equal(drawn[0]["input_ids"][prompt], batch["input_ids"][prompt])
+    assert not np.array_equal(drawn[0]["input_ids"], batch["input_ids"])
