@@ -233,9 +233,9 @@ def tokenizer_keys(student_tokenizer: str, teachers: Teachers) -> dict[str, str]
     for name, teacher in teachers.online.items():
         if teacher.tokenizer is None:
             continue
-        fingerprint = spec_fingerprint(teacher.tokenizer)[:16]
+        fingerprint = spec_fingerprint(teacher.tokenizer)
         if fingerprint != student:
-            keys[name] = fingerprint
+            keys[name] = fingerprint[:16]
     return keys
 
 

@@ -346,15 +346,14 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
     on_policy_count = on_policy_steps(cfg.seed, step, cfg.on_policy.fraction) if sampler else 0
     sampled_lengths: list[jax.Array] = []
 
-    def on_policy_metrics(at_step: int) -> dict[str, Any]:
-        """The fraction of steps 1..at_step that trained on samples, and (device values, read
-        when logged) the sampled lengths of the window's on-policy steps."""
+    def on_policy_window(at_step: int) -> tuple[dict[str, float], list[jax.Array]]:
+        """The fraction of steps 1..at_step that trained on samples, and the sampled lengths
+        (device values, read when logged) of the on-policy steps since the last log."""
         if cfg.on_policy is None:
-            return {}
-        out = {"on_policy/fraction": on_policy_count / at_step,
-               "sampled": list(sampled_lengths)}
+            return {}, []
+        window = list(sampled_lengths)
         sampled_lengths.clear()
-        return out
+        return {"on_policy/fraction": on_policy_count / at_step}, window
 
     def check_skipped():
         """Ends the run once `trainer.max_skipped_updates` updates in a row were skipped."""
@@ -393,14 +392,12 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
         nonlocal pending, last_metrics, window_start, window_steps
         if pending is None:
             return
-        logged_step, metrics, on_policy = pending
+        logged_step, metrics, (on_policy, sampled) = pending
         pending = None
         last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if on_policy:
-            last_metrics["on_policy/fraction"] = on_policy["on_policy/fraction"]
-            if on_policy["sampled"]:
-                last_metrics["on_policy/sampled_tokens"] = float(np.mean(
-                    jax.device_get(on_policy["sampled"])))
+        last_metrics.update(on_policy)
+        if sampled:
+            last_metrics["on_policy/sampled_tokens"] = float(np.mean(jax.device_get(sampled)))
         now = time.perf_counter()
         last_metrics["steps_per_second"] = window_steps / max(now - window_start, 1e-9)
         last_metrics["flops_per_second"] = total_flops * last_metrics["steps_per_second"]
@@ -464,7 +461,7 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
                 device_batch = host_batch()  # read while the step runs
             log_pending()
             if step % trainer.log_every == 0 or step == trainer.steps:
-                pending = (step, metrics, on_policy_metrics(step))
+                pending = (step, metrics, on_policy_window(step))
             bar.update(1)
 
             evaluated = evaluator is not None and (step % trainer.eval_every == 0

@@ -93,6 +93,22 @@ def test_the_draw_depends_on_seed_and_step_only():
     assert on_policy_steps(3, 100, 0.3) == sum(draws[:100])
 
 
+def test_a_teacher_on_the_students_tokenizer_reads_the_students_ids(tokenizer, tmp_path):
+    # On-policy samples exist in the student's ids only: a teacher trained on the same
+    # tokenizer (saved elsewhere) must share them, and only another tokenizer gets a key.
+    from jaxdistill import loader
+    from jaxdistill.data.tokenizer import build_tokenizer
+
+    tokenizer.save_pretrained(tmp_path / "same")
+    build_tokenizer(["a small other vocabulary"], 40, tmp_path / "other")
+    teachers = loader.Teachers(online={
+        "same": loader.Teacher(None, None, str(tmp_path / "same")),
+        "unknown": loader.Teacher(None, None, None),
+        "other": loader.Teacher(None, None, str(tmp_path / "other"))}, offline=[], manifest={})
+    keys = loader.tokenizer_keys("builtin:wordpiece", teachers)
+    assert list(keys) == ["other"] and len(keys["other"]) == 16
+
+
 def test_bad_on_policy_configs_name_the_key(world, tokenizer):
     with pytest.raises(config_lib.ConfigError,
                        match=r"on_policy.fraction: expected less than or equal to 1, found 1.5"):
