@@ -235,13 +235,17 @@ class OnPolicySection(_Section):
     with probability `fraction` a step trains on the student's own responses to its batch's
     prompts instead of the batch's responses, and the teachers score those tokens. Sampling:
     up to `max_new_tokens` tokens at `temperature` (0 = greedy), `top_k` (0 = off), `top_p`
-    (1 = off); a response is cut where the row reaches data.max_len."""
+    (1 = off); a response is cut where the row reaches data.max_len. `answer_span`: where a
+    sampled reply states the answer is unknown; "none" gives it no answer tokens (terms on
+    `next_answer_mask` skip on-policy steps, `next_style_mask` is the whole reply),
+    "response" counts the whole reply as the answer span."""
 
     fraction: float = Field(ge=0, le=1, description="probability that a step is on-policy")
     max_new_tokens: int = Field(default=32, ge=1)
     temperature: float = Field(default=1.0, ge=0)
     top_k: int = Field(default=0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
+    answer_span: Literal["none", "response"] = "none"
 
 
 class Experiment(_Section):

@@ -15,8 +15,9 @@ step, batch sharded over the batch axes) takes each row's prompt (its tokens bef
 cache, PRNG key folded from the seed and the state's step) and returns a batch of the step's
 own shape: the row is cut back to data.max_len, `loss_mask` marks exactly the sampled tokens
 and the other chat masks follow from it (`data.pipeline.chat_masks`). Where the student's
-reply states the answer is unknown, so `answer_mask` is the whole response: a term on the
-answer span scores every sampled token and `next_style_mask` is empty. Every other field
+reply states the answer is unknown: with `answer_span: none` (the default) a sampled reply has
+no answer tokens, so a term on `next_answer_mask` sits the step out and `next_style_mask` is
+the whole reply; with `response` the whole reply is the answer span. Every other field
 (`record_index`) is the batch's own.
 """
 
@@ -76,6 +77,7 @@ class Sampler:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    answer_span: str = "none"  # "none" | "response" (see the module docstring)
 
     def __call__(self, params: Params, batch: Mapping[str, Any], step: jax.Array):
         ids_BxT = batch["input_ids"]
@@ -90,7 +92,9 @@ class Sampler:
         sampled = {k: v[:, :length] for k, v in sampled.items()}
         loss_BxT = sampled["loss_mask"]
         replaced = {"input_ids": sampled["input_ids"],
-                    "attention_mask": sampled["attention_mask"], **chat_masks(loss_BxT, loss_BxT)}
+                    "attention_mask": sampled["attention_mask"],
+                    **chat_masks(loss_BxT, loss_BxT if self.answer_span == "response"
+                                 else jnp.zeros_like(loss_BxT))}
         # The batch's own keys and dtypes: the step was compiled for them.
         out = {k: replaced[k].astype(v.dtype) if k in replaced else v for k, v in batch.items()}
         return out, jnp.mean(jnp.sum(loss_BxT, axis=-1).astype(jnp.float32))

@@ -83,7 +83,8 @@ class Setup:
                        max_new_tokens=on_policy.max_new_tokens,
                        eos_id=student_tokenizer.eos_token_id,
                        pad_id=student_tokenizer.pad_token_id, temperature=on_policy.temperature,
-                       top_k=on_policy.top_k, top_p=on_policy.top_p)
+                       top_k=on_policy.top_k, top_p=on_policy.top_p,
+                       answer_span=on_policy.answer_span)
 
     def check_labels(self) -> None:
         """The training split's labels fit the heads they train (first offending record named)."""

@@ -62,7 +62,7 @@ def experiment(world, tokenizer, name, **overrides):
         "model": {"backbone": backbone(tokenizer, 32), "heads": {"lm": {"type": "lm"}}},
         "teachers": {"tone": {"source": f"hf:{teacher_dir}", "heads": {"lm": {"type": "lm"}},
                               "dtype": "float32"}},
-        # The same teacher on two masks: off-policy they differ, on a sample they agree.
+        # The same teacher on two masks: the whole response and the answer span.
         "objective": [
             {"name": "response", "loss": "token_kl", "student": "lm", "teacher": "tone",
              "mask": "next_loss_mask"},
@@ -195,7 +195,9 @@ def test_fraction_one_trains_on_the_students_samples_scored_by_the_teacher(world
     assert not np.array_equal(sampled["input_ids"], batch["input_ids"])
     assert logged["on_policy/sampled_tokens"] == pytest.approx(
         sampled["loss_mask"].sum(-1).mean(), rel=1e-6) == pytest.approx(float(length))
-    np.testing.assert_array_equal(sampled["answer_mask"], sampled["loss_mask"])
+    # answer_span none: no answer tokens in a sample; the rest of the reply is all style.
+    assert not sampled["answer_mask"].any()
+    np.testing.assert_array_equal(sampled["next_style_mask"], sampled["next_loss_mask"])
     np.testing.assert_array_equal(sampled["record_index"], batch["record_index"])
 
     # The teacher's KL on those tokens, as a plain dense loss over the full vocabulary.
@@ -209,7 +211,7 @@ def test_fraction_one_trains_on_the_students_samples_scored_by_the_teacher(world
     weight = sampled["next_loss_mask"].astype(np.float64)
     dense_kl = float(np.sum(kl_BxT * weight) / weight.sum())
     assert logged["loss/response"] == pytest.approx(dense_kl, rel=1e-4)
-    assert logged["loss/answer"] == pytest.approx(dense_kl, rel=1e-4)
+    assert logged["loss/answer"] == 0.0  # the term on the answer span sat the step out
 
 
 @pytest.mark.slow  # ~20 s on two cores: three short runs
@@ -252,8 +254,10 @@ def test_sampling_on_a_sharded_mesh_draws_what_one_device_draws():
     loss = (np.arange(16)[None] >= rng.integers(2, 6, (8, 1))) & real
     batch = {"input_ids": (rng.integers(2, 64, (8, 16)) * real).astype(np.int32),
              "attention_mask": real.astype(np.int32), "loss_mask": loss.astype(np.int32),
-             "record_index": np.arange(8, dtype=np.int32)}
-    sampler = Sampler(model, seed=0, max_new_tokens=6, eos_id=1, pad_id=0)
+             "answer_mask": np.zeros((8, 16), np.int32),
+             "next_style_mask": loss.astype(np.int32), "record_index": np.arange(8, dtype=np.int32)}
+    sampler = Sampler(model, seed=0, max_new_tokens=6, eos_id=1, pad_id=0,
+                      answer_span="response")
     drawn = []
     for mesh in (jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
                                    parallel.MESH_AXES), parallel.make_mesh((2, 2, 2))):
@@ -265,6 +269,8 @@ def test_sampling_on_a_sharded_mesh_draws_what_one_device_draws():
         assert all(out[k].sharding == device_batch[k].sharding for k in device_batch)
         drawn.append(jax.tree.map(np.asarray, out))
     assert set(drawn[0]) == set(batch)
+    np.testing.assert_array_equal(drawn[0]["answer_mask"], drawn[0]["loss_mask"])
+    assert not drawn[0]["next_style_mask"].any()
     np.testing.assert_array_equal(drawn[0]["record_index"], batch["record_index"])
     for key in drawn[0]:
         np.testing.assert_array_equal(drawn[0][key], drawn[1][key])
