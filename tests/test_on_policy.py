@@ -109,7 +109,7 @@ def test_a_teacher_on_the_students_tokenizer_reads_the_students_ids(tokenizer, t
     assert list(keys) == ["other"] and len(keys["other"]) == 16
 
 
-def test_bad_on_policy_configs_name_the_key(world, tokenizer):
+def test_bad_on_policy_configs_name_the_key(world, tokenizer, tmp_path):
     with pytest.raises(config_lib.ConfigError,
                        match=r"on_policy.fraction: expected less than or equal to 1, found 1.5"):
         experiment(world, tokenizer, "bad", on_policy={"fraction": 1.5})
@@ -131,6 +131,19 @@ def test_bad_on_policy_configs_name_the_key(world, tokenizer):
     with pytest.raises(config_lib.ConfigError, match=r"on_policy: teachers \['tone'\] are cached"):
         experiment(world, tokenizer, "bad", on_policy={"fraction": 0.5, "max_new_tokens": NEW},
                    teachers={"tone": {"source": "offline:/nowhere", "heads": None}})
+    # A teacher on another tokenizer cannot read the samples: refused at start-up.
+    from jaxdistill.data.tokenizer import build_tokenizer
+
+    other = build_tokenizer(["a small other vocabulary"], 40, tmp_path / "other")
+    cfg = ModelConfig(backbone=backbone(tokenizer, 32), heads={"lm": {"type": "lm"}})
+    foreign = export_hf(cfg, random_params(functional(cfg), 2), tmp_path / "foreign",
+                        tokenizer_dir=tmp_path / "other")
+    assert len(other) < len(tokenizer)
+    with pytest.raises(config_lib.ConfigError, match=r"on_policy: teachers \['tone'\] read "
+                                                     r"another tokenizer than the student's"):
+        runs.setup(experiment(world, tokenizer, "bad", on_policy={"fraction": 0.5,
+                                                                  "max_new_tokens": NEW},
+                              teachers={"tone": {"source": f"hf:{foreign}"}}))
     # Unset, the section is not in the resolved config (older run configs read the same).
     import yaml
 
