@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdistill import parallel
 from jaxdistill.data.pipeline import chat_masks
+from jaxdistill.distill.step import batch_shardings
 from jaxdistill.generate import sample_responses
 from jaxdistill.models.model import Functional, Params
 
@@ -102,8 +103,6 @@ class Sampler:
     def compile(self, mesh, rules: parallel.Rules, params: Params, batch: Mapping[str, Any]):
         """The program compiled for `batch`'s shapes, reading the student's params in their
         declared shardings and the batch over the batch axes (as the step does)."""
-        from jaxdistill.distill.step import batch_shardings
-
         batch_sh = batch_shardings(batch, mesh, rules)
         replicated = NamedSharding(mesh, PartitionSpec())
 

@@ -154,7 +154,8 @@ def test_bad_on_policy_configs_name_the_key(world, tokenizer, tmp_path):
 @pytest.mark.slow  # ~15 s on two cores: two short runs
 def test_fraction_zero_is_the_off_policy_trajectory(world, tokenizer, tmp_path):
     off = train.run(experiment(world, tokenizer, "off"), tmp_path / "off", report=False)
-    zero = train.run(experiment(world, tokenizer, "zero", on_policy={"fraction": 0.0, "max_new_tokens": NEW}),
+    zero = train.run(experiment(world, tokenizer, "zero",
+                                on_policy={"fraction": 0.0, "max_new_tokens": NEW}),
                      tmp_path / "zero", report=False)
     assert losses_of(off.run_dir) == losses_of(zero.run_dir)
     assert losses_of(off.run_dir)[0]["loss/response"] != losses_of(off.run_dir)[0]["loss/answer"]
