@@ -69,13 +69,20 @@ def experiment(data_dir, vocab, *, offline=None, term=None, **data):
     }, source="chat_cache")
 
 
-def test_topk_cache_is_the_live_teachers_and_trains_as_it(data_dir, vocab, tmp_path):
+@pytest.fixture(scope="module")
+def topk_cache(data_dir, vocab, tmp_path_factory):
+    """The accuracy teacher's (init seed 1) top-k cache, float32 log-probs; its report."""
+    out = tmp_path_factory.mktemp("topk") / "cache"
+    report = cache.cache_outputs(experiment(data_dir, vocab), "accuracy", teacher_cfg(vocab),
+                                 functional(teacher_cfg(vocab)).init(1), out, top_k=K,
+                                 temperature=TEMPERATURE, logprob_dtype="float32")
+    return out, report
+
+
+def test_topk_cache_is_the_live_teachers_and_trains_as_it(data_dir, vocab, topk_cache):
     model = functional(teacher_cfg(vocab))
     params = model.init(1)
-    out = tmp_path / "cache"
-    report = cache.cache_outputs(experiment(data_dir, vocab), "accuracy", teacher_cfg(vocab),
-                                 params, out, top_k=K, temperature=TEMPERATURE,
-                                 logprob_dtype="float32")
+    out, report = topk_cache
     manifest = cache.read_manifest(out)["accuracy"]
     assert manifest["bytes_per_token"] == 4 + K * (4 + 4) + 4 == report["bytes_per_token"]
     assert (manifest["top_k"], manifest["temperature"], manifest["logprob_dtype"]) == (
@@ -92,9 +99,21 @@ def test_topk_cache_is_the_live_teachers_and_trains_as_it(data_dir, vocab, tmp_p
         int(np.sum(b["next_loss_mask"])) for split in ("train", "validation")
         for b in split_batches(cfg, split, train=False))
     inputs = {k: v for k, v in batch.items() if k != "offline"}
-    hidden, unembed = model.apply(params, inputs)["lm"]
-    live = losses.topk_teacher(hidden, unembed, K, inputs["next_loss_mask"],
-                               temperature=TEMPERATURE)
+    student = functional(teacher_cfg(vocab))
+
+    @jax.jit
+    def live_and_loss(params, student_params, inputs, cached_batch):
+        hidden, unembed = model.apply(params, inputs)["lm"]
+        live = losses.topk_teacher(hidden, unembed, K, inputs["next_loss_mask"],
+                                   temperature=TEMPERATURE)
+        student_out = student.apply(student_params, inputs)
+        _, from_cache = compute_objective(tuple(cfg.objective), student_out, {}, cached_batch,
+                                          jnp.asarray(0))
+        expected = losses.sparse_token_kl(*student_out["lm"], live, inputs["next_loss_mask"],
+                                          temperature=TEMPERATURE)
+        return live, from_cache["loss/accuracy"], expected
+
+    live, from_cache, expected = live_and_loss(params, student.init(7), inputs, batch)
     # Stored exactly where the next token is a response token, shifted as the masks are.
     np.testing.assert_array_equal(cached["topk_ids"][..., 0] >= 0, batch["next_loss_mask"] == 1)
     np.testing.assert_array_equal(cached["topk_ids"], live["topk_ids"])
@@ -103,13 +122,7 @@ def test_topk_cache_is_the_live_teachers_and_trains_as_it(data_dir, vocab, tmp_p
     np.testing.assert_allclose(cached["tail_logprob"], live["tail_logprob"], rtol=1e-5, atol=1e-6)
 
     # The first step's loss from the cache is the live teacher's sparse KL.
-    student = functional(teacher_cfg(vocab))
-    student_out = student.apply(student.init(7), inputs)
-    _, from_cache = compute_objective(tuple(cfg.objective), student_out, {}, batch,
-                                      jnp.asarray(0))
-    expected = losses.sparse_token_kl(*student_out["lm"], live, inputs["next_loss_mask"],
-                                      temperature=TEMPERATURE)
-    np.testing.assert_allclose(from_cache["loss/accuracy"], expected, rtol=1e-4)
+    np.testing.assert_allclose(from_cache, expected, rtol=1e-4)
     assert float(expected) > 0
 
     # Packed rows carry the same distributions, packed like the masks (-1 ids on padding).
@@ -123,7 +136,25 @@ def test_topk_cache_is_the_live_teachers_and_trains_as_it(data_dir, vocab, tmp_p
     assert np.all(ids[packed["segment_ids"] == 0] == -1)
 
 
-def test_topk_misuse_is_refused_naming_the_key(data_dir, vocab, tmp_path):
+def test_topk_bytes_round_trip():
+    rng = np.random.default_rng(0)
+    positions, ids = np.array([2, 3, 7]), rng.integers(0, 500, (3, K))
+    logprobs, tail = -rng.random((3, K)) * 12, np.array([-0.5, -np.inf, -3.0])
+    for dtype, itemsize in (("float16", 2), ("float32", 4)):
+        blob = topk_store.pack_topk(positions, ids, logprobs, tail, dtype)
+        assert len(blob) == 12 + 3 * topk_store.bytes_per_token(K, dtype)
+        assert topk_store.bytes_per_token(K, dtype) == 4 + K * (4 + itemsize) + 4
+        dense = topk_store.dense_topk(blob, 9)
+        assert dense["topk_logprobs"].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(dense["topk_ids"][positions], ids)
+        assert np.all(dense["topk_ids"][[0, 1, 4, 5, 6, 8]] == -1)
+        np.testing.assert_array_equal(dense["tail_logprob"][positions], tail.astype(np.float32))
+        # float16: within half a unit in the last place (2**-7 at [-16, -8)) of each log-prob.
+        np.testing.assert_allclose(dense["topk_logprobs"][positions], logprobs,
+                                   atol=2.0**-8 if dtype == "float16" else 1e-6)
+
+
+def test_topk_misuse_is_refused_naming_the_key(data_dir, vocab, topk_cache, tmp_path):
     cfg = experiment(data_dir, vocab)
     params = functional(teacher_cfg(vocab)).init(1)
     with pytest.raises(ConfigError, match=r"--top-k must be an integer in \[1, "):
@@ -138,14 +169,12 @@ def test_topk_misuse_is_refused_naming_the_key(data_dir, vocab, tmp_path):
                             top_k=K)
     with pytest.raises(ConfigError, match="with --top-k"):
         cache.cache_outputs(cfg, "accuracy", teacher_cfg(vocab), params, tmp_path / "d")
-    assert not any((tmp_path / name).exists() for name in "abcd")
+    with pytest.raises(ConfigError, match="--logprob-dtype must be one of"):
+        cache.cache_outputs(cfg, "accuracy", teacher_cfg(vocab), params, tmp_path / "e",
+                            top_k=K, logprob_dtype="bfloat16")
+    assert not any((tmp_path / name).exists() for name in "abcde")
 
-    out = tmp_path / "cache"
-    cache.cache_outputs(cfg, "accuracy", teacher_cfg(vocab), params, out, top_k=K,
-                        temperature=TEMPERATURE)
-    assert cache.read_manifest(out)["accuracy"]["bytes_per_token"] == 4 + K * (4 + 2) + 4
-    blob = sources.open_source(out, "train").stored_topk()[("accuracy", "lm")][0]
-    assert topk_store.unpack_topk(blob)[2].dtype == np.float16  # the default storage
+    out = topk_cache[0]
     with pytest.raises(ConfigError, match="hparams.temperature is 1.0 but .* temperature 2.0"):
         cache.check_offline_sources(experiment(data_dir, vocab, offline=out,
                                                term={"hparams": {}}))
@@ -154,6 +183,39 @@ def test_topk_misuse_is_refused_naming_the_key(data_dir, vocab, tmp_path):
             "loss": "token_kl", "hparams": {"temperature": TEMPERATURE}}))
     with pytest.raises(ConfigError, match="at max_len 32; data.tokenizer is .* data.max_len 16"):
         cache.check_offline_sources(experiment(data_dir, vocab, offline=out, max_len=16))
+
+
+# ~10 s on two cores: one compile of the sharded fused step.
+@pytest.mark.slow
+def test_fused_step_mixes_the_cached_and_a_live_teacher(data_dir, vocab, topk_cache):
+    from jaxdistill import parallel
+    from jaxdistill.distill.objectives import Term
+    from jaxdistill.distill.step import (Distiller, OptimizerConfig, compile_step,
+                                         init_sharded_state, make_optimizer)
+
+    cfg = experiment(data_dir, vocab, offline=topk_cache[0])
+    batch = next(iter(split_batches(cfg, "train", train=False)))
+    batch = {k: v for k, v in batch.items() if k != "record_index"}
+    student, tone = functional(teacher_cfg(vocab)), functional(teacher_cfg(vocab))
+    student_params, tone_params = student.init(7), tone.init(3)
+    terms = (*cfg.objective, Term(name="tone", loss="token_kl", student="lm", teacher="tone",
+                                  mask="next_loss_mask", hparams={"kind": "reverse"},
+                                  weight=0.5))
+    optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0,
+                                                         total_steps=10))
+    distiller = Distiller(student=student, teachers={"tone": tone}, terms=terms,
+                          optimizer=optimizer, schedule=schedule)
+    expected = compute_objective(terms, student.apply(student_params, batch),
+                                 {"tone": tone.apply(tone_params, batch)}, batch,
+                                 jnp.asarray(0))[1]
+    mesh, rules = parallel.make_mesh((2, 1, 4)), parallel.DEFAULT_RULES
+    state = init_sharded_state(distiller, 0, mesh, rules, params=student_params)
+    teacher_params = {"tone": jax.device_put(tone_params, tone.shardings(mesh, rules))}
+    step = compile_step(distiller, mesh, rules, state, teacher_params, batch)
+    state, metrics = step(state, teacher_params, batch)
+    for key in ("loss/accuracy", "loss/tone", "loss/total"):
+        np.testing.assert_allclose(metrics[key], expected[key], rtol=1e-4, err_msg=key)
+    assert float(metrics["loss/accuracy"]) > 0 and float(metrics["loss/tone"]) > 0
 
 
 # One process of a 2-process cache (1 CPU device each): caches the accuracy teacher's top-k.
@@ -172,7 +234,7 @@ CHILD = textwrap.dedent("""
     cfg = config_lib.load_config(config_path)
     model_cfg = ModelConfig(backbone=cfg.model.backbone, heads=cfg.model.heads)
     report = cache.cache_outputs(cfg, "accuracy", model_cfg, functional(model_cfg).init(1), out,
-                                 top_k=%d, temperature=%r)
+                                 top_k=%d, temperature=%r, logprob_dtype="float32")
     print("REPORT", json.dumps(report), flush=True)
 """ % (K, TEMPERATURE))
 
@@ -188,13 +250,11 @@ def _read_back(data_dir):
 
 
 @pytest.mark.slow  # two fresh JAX processes start (~15 s on two busy cores)
-def test_two_process_cache_reads_back_as_one_process(data_dir, vocab, tmp_path):
+def test_two_process_cache_reads_back_as_one_process(data_dir, vocab, topk_cache, tmp_path):
     from test_multihost import free_port
 
     cfg = experiment(data_dir, vocab)
-    one = tmp_path / "one"
-    cache.cache_outputs(cfg, "accuracy", teacher_cfg(vocab), functional(teacher_cfg(vocab)).init(1),
-                        one, top_k=K, temperature=TEMPERATURE)
+    one = topk_cache[0]
     config_path, child = tmp_path / "cfg.yaml", tmp_path / "child.py"
     config_path.write_text(config_lib.resolved_yaml(cfg))
     child.write_text(CHILD)
@@ -232,7 +292,6 @@ def test_two_process_cache_reads_back_as_one_process(data_dir, vocab, tmp_path):
                 topk, read_two[split][1]):
             np.testing.assert_array_equal(pos_a, pos_b)
             np.testing.assert_array_equal(ids_a, ids_b)
-            # One process ran on 8 devices, the two on one each: float16 may round apart.
-            np.testing.assert_allclose(lp_a.astype(np.float32), lp_b.astype(np.float32),
-                                       atol=1e-2)
+            # One process ran on 8 devices, the two on one each: float32 rounding apart.
+            np.testing.assert_allclose(lp_a, lp_b, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(tail_a, tail_b, rtol=1e-5, atol=1e-6)
