@@ -420,7 +420,7 @@ data.path: data/examples/job_search_relevance (outputs travel with the records).
 second teacher by running cache-teacher again on a config whose data.path is the first cache.
 
 A chat (lm) teacher is cached as its top-k token distributions:
-  jaxdistill cache-teacher configs/chat/student.yaml --teacher accuracy_teacher --top-k 32 \
+  jaxdistill cache-teacher configs/chat/student.yaml --teacher accuracy_teacher --top-k 32 \\
       --out data/chat_accuracy_top32
 and read by a term `loss: sparse_token_kl` (same temperature) with the teacher's source
 offline:DIR; a live teacher's token_kl term can sit beside it. Under several JAX processes
