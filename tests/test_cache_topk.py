@@ -295,3 +295,16 @@ def test_two_process_cache_reads_back_as_one_process(data_dir, vocab, topk_cache
             # One process ran on 8 devices, the two on one each: float32 rounding apart.
             np.testing.assert_allclose(lp_a, lp_b, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(tail_a, tail_b, rtol=1e-5, atol=1e-6)
+
+
+# ~10 s on two cores: `plan` compiles the fused step (abstract arrays only).
+@pytest.mark.slow
+def test_plan_reads_the_top_k_cache_shapes(data_dir, vocab, topk_cache):
+    from jaxdistill import plan as plan_lib
+
+    cfg = experiment(data_dir, vocab, offline=topk_cache[0], batch_size=8)
+    result = plan_lib.plan(cfg)
+    tokens = 8 * MAX_LEN
+    masks = (2 + 5) * tokens * 4 + 8 * 4  # input_ids, attention_mask, 5 masks; record_index
+    cached = tokens * K * (4 + 4) + tokens * 4  # ids, float32 log-probs, tail
+    assert result.batch * 8 == masks + cached  # every array split over the 8 devices' rows
