@@ -105,26 +105,13 @@ def _check_topk_term(cfg: Experiment, term, cached: Mapping[str, Any], cache_dir
             "positions would not be these tokens); use the cache's or re-run cache-teacher")
 
 
-def teacher_outputs(
-    cfg: Experiment,
-    model: Functional,
-    params: Params,
-    split: str,
-    outputs: Sequence[str],
-    *,
-    tokenizer: str | None = None,
-    records: Sequence[Mapping[str, Any]] | None = None,
-    reduce_outputs: Mapping[str, Any] | None = None,
-) -> dict[str, np.ndarray]:
-    """{output: float32 [records, ...]} of one model over a split (or over `records` of it),
-    in record order, through the shared evaluator (on its own `tokenizer`'s ids when that is
-    not the data's). `reduce_outputs` {head: fn(output, batch)}: see `Evaluator`; its
-    outputs come back as `head/key`, in their own dtypes."""
-    from jaxdistill.data.batches import split_batches
+def teacher_evaluator(cfg: Experiment, model: Functional, outputs: Sequence[str], *,
+                      tokenizer: str | None = None,
+                      reduce_outputs: Mapping[str, Any] | None = None):
+    """(the shared evaluator running one teacher, the token specs its batches need): on its
+    own `tokenizer`'s ids when that is not the data's. `reduce_outputs` {head: fn(output,
+    batch)}: see `Evaluator`. Built once per cache, so each batch shape compiles once."""
     from jaxdistill.evaluator import Evaluator
-
-    mesh = cache_mesh(cfg)
-    rules = dict(cfg.mesh.rules)
     from jaxdistill.loader import spec_fingerprint
 
     name = "teacher"
@@ -132,15 +119,25 @@ def teacher_outputs(
     if tokenizer is not None and spec_fingerprint(tokenizer) != spec_fingerprint(cfg.data.tokenizer):
         token_keys[name] = spec_fingerprint(tokenizer)[:16]
         token_specs[token_keys[name]] = tokenizer
-    evaluator = Evaluator(None, {name: model}, mesh=mesh, rules=rules, token_keys=token_keys,
-                          teacher_outputs={name: outputs},
+    evaluator = Evaluator(None, {name: model}, mesh=cache_mesh(cfg), rules=dict(cfg.mesh.rules),
+                          token_keys=token_keys, teacher_outputs={name: outputs},
                           reduce_outputs={name: reduce_outputs} if reduce_outputs else None)
+    return evaluator, token_specs
+
+
+def teacher_outputs(cfg: Experiment, evaluator, params: Params, split: str,
+                    records: Sequence[Mapping[str, Any]] | None = None) -> dict[str, np.ndarray]:
+    """{output: float32 [records, ...]} of `teacher_evaluator`'s model over a split (or over
+    `records` of it), in record order; reduced outputs as `head/key`, in their own dtypes."""
+    from jaxdistill.data.batches import split_batches
+
+    evaluator, token_specs = evaluator
     batches = split_batches(cfg, split, train=False, token_specs=token_specs, shard=False,
                             records=records)
-    scores = evaluator.run(None, {name: params}, batches)
-    if reduce_outputs:
-        return dict(scores.teachers[name])
-    return {o: scores.teachers[name][o].astype(np.float32) for o in outputs}
+    scores = evaluator.run(None, {"teacher": params}, batches)
+    if evaluator.reduce_outputs:
+        return dict(scores.teachers["teacher"])
+    return {o: v.astype(np.float32) for o, v in scores.teachers["teacher"].items()}
 
 
 def cache_mesh(cfg: Experiment):
@@ -210,6 +207,12 @@ def cache_outputs(
     shapes: dict[str, Any] = {}
     blobs: dict[str, list[bytes]] = {}
     stored_tokens = 0
+    if top_k is None:
+        evaluator = teacher_evaluator(cfg, functional(model_cfg), outputs, tokenizer=tokenizer)
+    else:
+        topk_of = _topk_reduce(top_k, temperature, logprob_dtype)
+        evaluator = teacher_evaluator(cfg, functional(model_cfg), [head], tokenizer=tokenizer,
+                                      reduce_outputs={head: topk_of})
     for split in info["splits"]:
         records = list(sources.open_source(data.path, split))
         if len(records) < processes:
@@ -220,13 +223,12 @@ def cache_outputs(
         # One process reads the split itself (its stored token ids); several, their blocks.
         mine = None if processes == 1 else records
         if top_k is not None:
-            blobs[split] = _topk_blobs(cfg, model_cfg, params, split, head, top_k, temperature,
-                                       logprob_dtype, tokenizer, mine, len(records))
+            blobs[split] = _topk_blobs(cfg, evaluator, params, split, head, logprob_dtype,
+                                       mine, len(records))
             stored_tokens += sum(int(np.frombuffer(b, np.int32, 1)[0]) for b in blobs[split])
             splits[split] = records
             continue
-        values = teacher_outputs(cfg, functional(model_cfg), params, split, outputs,
-                                 tokenizer=tokenizer, records=mine)
+        values = teacher_outputs(cfg, evaluator, params, split, mine)
         count = len(next(iter(values.values()))) if values else 0
         if count != len(records):
             raise ValueError(
@@ -314,24 +316,26 @@ def _topk_head(cfg: Experiment, teacher: str, model_cfg: ModelConfig,
     return lm_heads[0]
 
 
-def _topk_blobs(cfg, model_cfg, params, split, head, top_k, temperature, logprob_dtype,
-                tokenizer, records, count) -> list[bytes]:
-    """Each record's stored top-k bytes: the teacher over unpacked rows (positions of the
-    record's own tokens, valid packed or not), at its `next_loss_mask` positions."""
+def _topk_reduce(top_k: int, temperature: float, logprob_dtype: str):
+    """An lm head's (hidden, unembedding) -> its top-k at the `next_loss_mask` positions."""
     from jaxdistill.distill import losses
 
     dtype = topk_store.LOGPROB_DTYPES[logprob_dtype]
-    chunk = 128
 
     def topk_of(output, batch):
         hidden_BxTxD, unembed_DxV = output
         return losses.topk_teacher(hidden_BxTxD, unembed_DxV, top_k, batch["next_loss_mask"],
-                                   chunk, temperature=temperature, logprob_dtype=dtype)
+                                   temperature=temperature, logprob_dtype=dtype)
 
+    return topk_of
+
+
+def _topk_blobs(cfg, evaluator, params, split, head, logprob_dtype, records,
+                count) -> list[bytes]:
+    """Each record's stored top-k bytes: the teacher over unpacked rows (positions of the
+    record's own tokens, valid packed or not), at its `next_loss_mask` positions."""
     unpacked = cfg.model_copy(update={"data": cfg.data.model_copy(update={"pack": False})})
-    values = teacher_outputs(unpacked, functional(model_cfg), params, split, [head],
-                             tokenizer=tokenizer, records=records,
-                             reduce_outputs={head: topk_of})
+    values = teacher_outputs(unpacked, evaluator, params, split, records)
     ids = values[f"{head}/topk_ids"]
     if len(ids) != count:
         raise ValueError(

@@ -71,18 +71,18 @@ def experiment(data_dir, vocab, *, offline=None, term=None, **data):
 
 @pytest.fixture(scope="module")
 def topk_cache(data_dir, vocab, tmp_path_factory):
-    """The accuracy teacher's (init seed 1) top-k cache, float32 log-probs; its report."""
+    """The accuracy teacher's top-k cache (float32 log-probs), its report and the teacher."""
     out = tmp_path_factory.mktemp("topk") / "cache"
+    params = functional(teacher_cfg(vocab)).init(1)
     report = cache.cache_outputs(experiment(data_dir, vocab), "accuracy", teacher_cfg(vocab),
-                                 functional(teacher_cfg(vocab)).init(1), out, top_k=K,
-                                 temperature=TEMPERATURE, logprob_dtype="float32")
-    return out, report
+                                 params, out, top_k=K, temperature=TEMPERATURE,
+                                 logprob_dtype="float32")
+    return out, report, params
 
 
 def test_topk_cache_is_the_live_teachers_and_trains_as_it(data_dir, vocab, topk_cache):
     model = functional(teacher_cfg(vocab))
-    params = model.init(1)
-    out, report = topk_cache
+    out, report, params = topk_cache
     manifest = cache.read_manifest(out)["accuracy"]
     assert manifest["bytes_per_token"] == 4 + K * (4 + 4) + 4 == report["bytes_per_token"]
     assert (manifest["top_k"], manifest["temperature"], manifest["logprob_dtype"]) == (
@@ -221,11 +221,12 @@ def test_fused_step_mixes_the_cached_and_a_live_teacher(data_dir, vocab, topk_ca
 # One process of a 2-process cache (1 CPU device each): caches the accuracy teacher's top-k.
 CHILD = textwrap.dedent("""
     import json, os, sys
-    config_path, out, address, process_id, processes = sys.argv[1:6]
+    config_path, params_path, out, address, process_id, processes = sys.argv[1:7]
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    import numpy as np
     from jaxdistill import cache, config as config_lib, parallel
     from jaxdistill.models.model import ModelConfig, functional
 
@@ -233,7 +234,10 @@ CHILD = textwrap.dedent("""
                                     process_id=int(process_id))
     cfg = config_lib.load_config(config_path)
     model_cfg = ModelConfig(backbone=cfg.model.backbone, heads=cfg.model.heads)
-    report = cache.cache_outputs(cfg, "accuracy", model_cfg, functional(model_cfg).init(1), out,
+    leaves = np.load(params_path)  # the parent's teacher (no init program to compile here)
+    params = jax.tree.unflatten(jax.tree.structure(functional(model_cfg).shapes),
+                                [leaves[f"arr_{i}"] for i in range(len(leaves.files))])
+    report = cache.cache_outputs(cfg, "accuracy", model_cfg, params, out,
                                  top_k=%d, temperature=%r, logprob_dtype="float32")
     print("REPORT", json.dumps(report), flush=True)
 """ % (K, TEMPERATURE))
@@ -257,11 +261,13 @@ def test_two_process_cache_reads_back_as_one_process(data_dir, vocab, topk_cache
     one = topk_cache[0]
     config_path, child = tmp_path / "cfg.yaml", tmp_path / "child.py"
     config_path.write_text(config_lib.resolved_yaml(cfg))
+    params_path = tmp_path / "teacher.npz"
+    np.savez(params_path, *jax.tree.leaves(jax.device_get(topk_cache[2])))
     child.write_text(CHILD)
     two, address = tmp_path / "two", f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    children = [subprocess.Popen([sys.executable, str(child), str(config_path), str(two), address,
-                                  str(i), "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    children = [subprocess.Popen([sys.executable, str(child), str(config_path), str(params_path),
+                                  str(two), address, str(i), "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, env=env) for i in range(2)]
     try:
         outputs = [c.communicate(timeout=120) for c in children]
