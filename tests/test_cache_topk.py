@@ -53,13 +53,13 @@ def teacher_cfg(vocab, heads=None) -> ModelConfig:
         heads=heads or {"lm": {"type": "lm"}})
 
 
-def experiment(data_dir, vocab, *, offline=None, term=None, **data):
+def experiment(data_dir, vocab, *, offline=None, term=None, teacher=None, **data):
     model = teacher_cfg(vocab)
     source = f"offline:{offline}" if offline else "run:unused"
     return config_lib.validate({
         "name": "chat_cache",
         "model": {"backbone": model.backbone.model_dump(), "heads": {"lm": {"type": "lm"}}},
-        "teachers": {"accuracy": {"source": source, "dtype": "float32"}},
+        "teachers": {"accuracy": teacher or {"source": source, "dtype": "float32"}},
         "objective": [{"name": "accuracy", "loss": "sparse_token_kl", "student": "lm",
                        "teacher": "accuracy", "mask": "next_loss_mask",
                        "hparams": {"temperature": TEMPERATURE}, **(term or {})}],
@@ -314,3 +314,48 @@ def test_plan_reads_the_top_k_cache_shapes(data_dir, vocab, topk_cache):
     masks = (2 + 5) * tokens * 4 + 8 * 4  # input_ids, attention_mask, 5 masks; record_index
     cached = tokens * K * (4 + 4) + tokens * 4  # ids, float32 log-probs, tail
     assert result.batch * 8 == masks + cached  # every array split over the 8 devices' rows
+
+
+# ~15 s on two cores: torch, a transformers model and the loader's hf: path.
+@pytest.mark.slow
+def test_cli_caches_an_hf_teacher_as_transformers_computes_it(data_dir, vocab, tmp_path):
+    """`jaxdistill cache-teacher --top-k` on an hf: Qwen3 teacher: its cached top-k are those of
+    transformers' PyTorch model, at the positions predicting each response token."""
+    import torch
+    import transformers
+
+    from jaxdistill import cli
+
+    hf_dir = tmp_path / "hf"
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=64, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))  # peaked distributions, not near-uniform ones
+    model.save_pretrained(hf_dir)
+    load_tokenizer("builtin:wordpiece").save_pretrained(hf_dir)
+    cfg = experiment(data_dir, vocab, teacher={"source": f"hf:{hf_dir}", "dtype": "float32",
+                                               "heads": {"lm": {"type": "lm"}}})
+    config_path, out = tmp_path / "cfg.yaml", tmp_path / "cache"
+    config_path.write_text(config_lib.resolved_yaml(cfg))
+    assert cli.main(["cache-teacher", str(config_path), "--teacher", "accuracy", "--out",
+                     str(out), "--top-k", str(K), "--logprob-dtype", "float32"]) == 0
+    # The temperature comes from the config's sparse_token_kl term on this teacher.
+    assert cache.read_manifest(out)["accuracy"]["temperature"] == TEMPERATURE
+    batch = next(iter(split_batches(experiment(data_dir, vocab, offline=out), "train",
+                                    train=False)))
+    cached = batch["offline"]["accuracy"]["lm"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+                       attention_mask=torch.tensor(batch["attention_mask"])).logits
+    log_p = torch.log_softmax(logits.double() / TEMPERATURE, -1)
+    logprobs, ids = log_p.topk(K, -1)
+    where = batch["next_loss_mask"] == 1
+    np.testing.assert_array_equal(cached["topk_ids"][where], ids.numpy()[where])
+    np.testing.assert_allclose(cached["topk_logprobs"][where], logprobs.numpy()[where],
+                               rtol=1e-4, atol=1e-5)
+    tail = np.log1p(-np.exp(logprobs.numpy()).sum(-1))
+    np.testing.assert_allclose(cached["tail_logprob"][where], tail[where], rtol=1e-4, atol=1e-5)
