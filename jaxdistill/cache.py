@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -293,11 +293,12 @@ def _topk_head(cfg: Experiment, teacher: str, model_cfg: ModelConfig,
     if outputs:
         lm_heads = [n for n in lm_heads if n in outputs]
     if len(lm_heads) != 1:
+        found = f"lm heads {lm_heads}" if lm_heads else "no lm head"
+        asked = f" (--outputs {','.join(outputs)})" if outputs else ""
         raise ConfigError(
             f"--top-k caches one lm head's token distributions; teacher {teacher!r} has "
-            f"{'lm heads ' + str(lm_heads) if lm_heads else 'no lm head'} among "
-            f"{sorted(model_cfg.heads)}{' (--outputs ' + ','.join(outputs) + ')' if outputs else ''}"
-            "; cache its other heads without --top-k")
+            f"{found} among {sorted(model_cfg.heads)}{asked}; cache its other heads without "
+            "--top-k")
     if cfg.data.kind != "chat":
         raise ConfigError(f"--top-k: data.kind is {cfg.data.kind!r}; an lm teacher's top-k is "
                           "cached over the response tokens of chat data (data.kind: chat)")

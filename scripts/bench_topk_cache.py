@@ -133,9 +133,10 @@ def main() -> None:
             m = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
             f16 = topk_store.bytes_per_token(k, "float16")
             f32 = topk_store.bytes_per_token(k, "float32")
+            err32, err16 = ((m["dense"] - m[key]) / m["dense"] for key in ("f32", "f16"))
             print(f"{name:<9} {k:>4} {f16:>9} {f32:>9} {f16 / dense_row:>8.3f} {m['tail']:>9.4f} "
-                  f"{m['dense']:>9.4f} {m['f32']:>10.4f} {(m['dense'] - m['f32']) / m['dense']:>8.4f} "
-                  f"{m['f16']:>10.4f} {(m['dense'] - m['f16']) / m['dense']:>8.4f}")
+                  f"{m['dense']:>9.4f} {m['f32']:>10.4f} {err32:>8.4f} {m['f16']:>10.4f} "
+                  f"{err16:>8.4f}")
 
 
 def _entropy_rate(vocab: int) -> float:
