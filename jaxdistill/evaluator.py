@@ -114,6 +114,10 @@ class Evaluator:
                 _, metrics = compute_objective(self.terms, student_out, teacher_out, batch, step)
                 metrics.update(term_metrics(self.terms, metrics, student_out, teacher_out, batch))
         fields = {k: v for k, v in batch.items() if k not in TOKEN_INPUTS and k != "tokens"}
+        if "offline" in fields:  # a cached top-k teacher ([B, T, k] dicts) is not per-row
+            fields["offline"] = {
+                t: {o: v for o, v in outputs.items() if not isinstance(v, Mapping)}
+                for t, outputs in fields["offline"].items()}
         teacher_back = {}
         for t, heads in self._teacher_heads.items():
             reduce = self.reduce_outputs.get(t, {})

@@ -362,3 +362,27 @@ def test_cli_caches_an_hf_teacher_as_transformers_computes_it(data_dir, vocab, t
                                rtol=1e-4, atol=1e-5)
     tail = np.log1p(-np.exp(logprobs.numpy()).sum(-1))
     np.testing.assert_allclose(cached["tail_logprob"][where], tail[where], rtol=1e-4, atol=1e-5)
+
+
+# ~10 s on two busy cores: the evaluator's sharded program and the reference both compile.
+@pytest.mark.slow
+def test_evaluator_scores_the_cached_term_and_keeps_the_cache_on_device(data_dir, vocab,
+                                                                        topk_cache):
+    from jaxdistill import parallel
+    from jaxdistill.evaluator import Evaluator
+
+    cfg = experiment(data_dir, vocab, offline=topk_cache[0])
+    student = functional(teacher_cfg(vocab))
+    params = student.init(7)
+    evaluator = Evaluator(student, {}, mesh=parallel.make_mesh((-1, 1, 1)),
+                          rules=parallel.DEFAULT_RULES, terms=cfg.objective)
+    batches = list(split_batches(cfg, "train", train=False, drop_remainder=True))
+    scores = evaluator.run(params, {}, batches)
+    assert not [key for key in scores.fields if key.startswith("offline/")]
+    term = jax.jit(lambda params, batch: compute_objective(
+        tuple(cfg.objective), student.apply(params, batch), {}, batch,
+        jnp.asarray(0))[1]["loss/accuracy"])
+    expected = np.mean([term(params, batch) for batch in batches])
+    # A KL near 0 (a random student against a random teacher): float32 sums in another order.
+    np.testing.assert_allclose(scores.terms["loss/accuracy"], expected, rtol=1e-3)
+    assert expected > 0
