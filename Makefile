@@ -9,8 +9,10 @@ $(BIN)/jaxdistill: pyproject.toml
 	touch $@
 
 .PHONY: test pipeline
+# One pytest worker per core (pytest-xdist): most of the suite's time is XLA compiling, one
+# thread per compilation, so a second worker uses the second core.
 test: $(BIN)/jaxdistill
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto tests
 
 pipeline: $(BIN)/jaxdistill
 	$(BIN)/jaxdistill pipeline configs/job_search/pipeline.yaml --preset laptop

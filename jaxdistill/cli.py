@@ -210,7 +210,9 @@ def cmd_cache_teacher(args) -> None:
     outputs = args.outputs.split(",") if args.outputs else None
     with logs.to_file(logs.beside(args.out), capture_output=True):
         report = cache.cache_teacher(cfg, args.teacher, args.out, outputs=outputs,
-                                     overwrite=args.overwrite)
+                                     overwrite=args.overwrite, top_k=args.top_k,
+                                     temperature=args.temperature,
+                                     logprob_dtype=args.logprob_dtype)
     _print_json(report)
 
 
@@ -415,7 +417,14 @@ side-by-side table when several runs are given.""",
 
 Then use it: teachers.relevance.source: offline:data/examples/job_search_relevance and
 data.path: data/examples/job_search_relevance (outputs travel with the records). Cache a
-second teacher by running cache-teacher again on a config whose data.path is the first cache.""",
+second teacher by running cache-teacher again on a config whose data.path is the first cache.
+
+A chat (lm) teacher is cached as its top-k token distributions:
+  jaxdistill cache-teacher configs/chat/student.yaml --teacher accuracy_teacher --top-k 32 \\
+      --out data/chat_accuracy_top32
+and read by a term `loss: sparse_token_kl` (same temperature) with the teacher's source
+offline:DIR; a live teacher's token_kl term can sit beside it. Under several JAX processes
+each writes its share of the records and process 0 joins the shards.""",
     "export": """examples:
   jaxdistill export runs/student --out exports/student
   python -c "import transformers; transformers.AutoModel.from_pretrained('exports/student')"
@@ -546,6 +555,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output dataset directory")
     p.add_argument("--outputs", help="comma-separated teacher outputs to keep (default: every "
                                      "head but lm; 'pooled' for the pooled hidden state)")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help="an lm teacher on chat data: store each response token's top-K "
+                        "ids, log-probs and tail mass (read by a sparse_token_kl term)")
+    p.add_argument("--temperature", type=float,
+                   help="with --top-k: the softening temperature of the stored distribution "
+                        "(default: the config's token terms' on this teacher, else 1.0)")
+    p.add_argument("--logprob-dtype", choices=("float16", "float32"), default="float16",
+                   help="with --top-k: stored log-prob precision (default: float16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_allow_pickle(p)
     p.set_defaults(handler=cmd_cache_teacher)

@@ -424,12 +424,14 @@ def validate(data: Mapping[str, Any], *, source: str) -> Experiment:
         raise ConfigError(format_errors(err, data, source)) from None
 
 
-def format_errors(err: pydantic.ValidationError, data: Mapping[str, Any], source: str) -> str:
+def format_errors(err: pydantic.ValidationError, data: Mapping[str, Any], source: str,
+                  schema: type[BaseModel] | None = None) -> str:
+    """One line per error, keys dotted from the root of `schema` (default: Experiment)."""
     errors = err.errors()
     # A list whose item failed also reports itself as too short; the item's error is the news.
     errors = [e for e in errors if not (e["type"] == "too_short" and any(
         len(o["loc"]) > len(e["loc"]) and o["loc"][:len(e["loc"])] == e["loc"] for o in errors))]
-    resolved = [(e, *_resolve_loc(e["loc"])) for e in errors]
+    resolved = [(e, *_resolve_loc(e["loc"], schema or Experiment)) for e in errors]
     # A mapping given to a `float | Model` field fails the float member too; the model
     # member's errors (deeper under the same key) are the ones that say what to fix.
     resolved = [(e, shown, parent) for e, shown, parent in resolved
@@ -474,7 +476,8 @@ def _dotted(parts: Sequence[Any]) -> str:
     return text or "<top>"
 
 
-def _resolve_loc(loc: Sequence[Any]) -> tuple[list[Any], type[BaseModel] | None]:
+def _resolve_loc(loc: Sequence[Any], root: type[BaseModel]
+                 ) -> tuple[list[Any], type[BaseModel] | None]:
     """A pydantic error location as the user's key path, and the schema holding its last key.
 
     pydantic inserts union member tags ("token_score", "function-after[...]") into locations;
@@ -482,7 +485,7 @@ def _resolve_loc(loc: Sequence[Any]) -> tuple[list[Any], type[BaseModel] | None]
     """
     shown: list[Any] = []
     parent: type[BaseModel] | None = None
-    annotation: Any = Experiment
+    annotation: Any = root
     for part in loc:
         annotation = _strip_annotated(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):

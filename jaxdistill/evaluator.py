@@ -70,12 +70,18 @@ class Evaluator:
     def __init__(self, student: Functional | None, teachers: Mapping[str, Functional] | None = None,
                  *, mesh, rules, terms: Sequence[Term] = (),
                  token_keys: Mapping[str, str] | None = None,
-                 teacher_outputs: Mapping[str, Sequence[str]] | None = None):
+                 teacher_outputs: Mapping[str, Sequence[str]] | None = None,
+                 reduce_outputs: Mapping[str, Mapping[str, Any]] | None = None):
+        """`reduce_outputs` {teacher: {head: fn(output, batch)}}: what of a teacher's head
+        comes back, computed inside the jitted program (an lm head's (hidden, unembedding)
+        pair as its per-token top-k: `cache-teacher --top-k`); fn returns an array or a dict
+        of arrays, one row per example, listed as `head/key`."""
         self.student = student
         self.teachers = dict(teachers or {})
         self.terms = tuple(terms)
         self.mesh, self.rules = mesh, rules
         self.token_keys = dict(token_keys or {})
+        self.reduce_outputs = {t: dict(fns) for t, fns in (reduce_outputs or {}).items()}
         self._compiled: dict[Any, Any] = {}
         # Teachers' outputs that come back to the host: those a term compares with, unless
         # `teacher_outputs` names them.
@@ -108,12 +114,19 @@ class Evaluator:
                 _, metrics = compute_objective(self.terms, student_out, teacher_out, batch, step)
                 metrics.update(term_metrics(self.terms, metrics, student_out, teacher_out, batch))
         fields = {k: v for k, v in batch.items() if k not in TOKEN_INPUTS and k != "tokens"}
-        # An lm head's (hidden, unembedding) pair is not per-row: it stays on the device.
+        if "offline" in fields:  # a cached top-k teacher ([B, T, k] dicts) is not per-row
+            fields["offline"] = {
+                t: {o: v for o, v in outputs.items() if not isinstance(v, Mapping)}
+                for t, outputs in fields["offline"].items()}
+        teacher_back = {}
+        for t, heads in self._teacher_heads.items():
+            reduce = self.reduce_outputs.get(t, {})
+            back = {h: reduce[h](teacher_out[t][h], batch) if h in reduce else teacher_out[t][h]
+                    for h in sorted(heads)}
+            # An lm head's (hidden, unembedding) pair is not per-row: it stays on the device.
+            teacher_back[t] = {h: v for h, v in back.items() if not isinstance(v, tuple)}
         return ({k: v for k, v in student_out.items() if not isinstance(v, tuple)},
-                {t: {h: teacher_out[t][h] for h in sorted(heads)
-                     if not isinstance(teacher_out[t][h], tuple)}
-                 for t, heads in self._teacher_heads.items()},
-                fields, metrics)
+                teacher_back, fields, metrics)
 
     def _compile(self, params, teacher_params, batch):
         key = jax.tree.structure(batch), tuple(np.shape(x) for x in jax.tree.leaves(batch))
@@ -184,7 +197,7 @@ def _collect(pending, parts, sums) -> int:
     for head, value in student.items():
         parts[f"student/{head}"].append(value)
     for name, heads in teachers.items():
-        for head, value in heads.items():
+        for head, value in _flatten(heads).items():
             parts[f"teacher/{name}/{head}"].append(value)
     for key, value in _flatten(fields).items():
         parts[f"fields/{key}"].append(value)

@@ -101,7 +101,7 @@ def read_pipeline(path: Path, schema: type[BaseModel]):
         return schema.model_validate(data)
     except Exception as err:  # pydantic.ValidationError
         if hasattr(err, "errors"):
-            raise config_lib.ConfigError(config_lib.format_errors(err, data, str(path))) from None
+            raise config_lib.ConfigError(config_lib.format_errors(err, data, str(path), schema)) from None
         raise
 
 

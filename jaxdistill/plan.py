@@ -27,7 +27,9 @@ import numpy as np
 
 from jaxdistill import config as config_lib
 from jaxdistill import parallel
+from jaxdistill.data.pipeline import CHAT_MASKS
 from jaxdistill.data.records import NUM_GRADES
+from jaxdistill.distill.losses import LOSSES
 from jaxdistill.distill.step import (Distiller, abstract_state, batch_shardings, compile_step,
                                      make_optimizer)
 from jaxdistill.models.heads import ActionHead
@@ -154,7 +156,7 @@ def abstract_batch(cfg: config_lib.Experiment, offline: Mapping[str, Mapping[str
     i32, f32 = np.int32, np.float32
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))  # noqa
     if data.kind == "chat":
-        batch = {k: spec((b, t), i32) for k in ("input_ids", "attention_mask", "loss_mask")}
+        batch = {k: spec((b, t), i32) for k in ("input_ids", "attention_mask", *CHAT_MASKS)}
         if data.pack:
             batch |= {"segment_ids": spec((b, t), i32), "positions": spec((b, t), i32)}
     else:
@@ -173,6 +175,22 @@ def abstract_batch(cfg: config_lib.Experiment, offline: Mapping[str, Mapping[str
     if offline:
         batch["offline"] = {name: dict(outputs) for name, outputs in offline.items()}
     return batch
+
+
+def _topk_shapes(cfg: config_lib.Experiment, teacher: str) -> dict[str, Any]:
+    """The batch arrays of a teacher's top-k cache, k and dtype from its manifest."""
+    from jaxdistill.cache import read_manifest
+
+    source = cfg.teachers[teacher].source
+    cached = read_manifest(source.path).get(teacher, {}) if source.path else {}
+    if "top_k" not in cached:
+        raise config_lib.ConfigError(
+            f"teachers.{teacher}.source ({source}): a sparse_token_kl term reads a top-k cache, "
+            f"and {source.path} holds none of {teacher!r} (write it with cache-teacher --top-k)")
+    b, t, k = cfg.data.batch_size, cfg.data.max_len, cached["top_k"]
+    return {"topk_ids": jax.ShapeDtypeStruct((b, t, k), np.dtype(np.int32)),
+            "topk_logprobs": jax.ShapeDtypeStruct((b, t, k), np.dtype(cached["logprob_dtype"])),
+            "tail_logprob": jax.ShapeDtypeStruct((b, t), np.dtype(np.float32))}
 
 
 def _per_device(shapes, shardings) -> int:
@@ -197,9 +215,11 @@ def plan(cfg: config_lib.Experiment, device_memory: int | None = None, *,
     offline = {}
     for term in cfg.objective:
         if term.teacher is not None and term.teacher not in online:
-            out = student_out[term.student]
-            offline.setdefault(term.teacher, {})[term.source_output] = jax.ShapeDtypeStruct(
-                out.shape, np.float32)
+            if LOSSES[term.loss].teacher == "topk":  # a cached top-k: [B, T, k] per token
+                shape = _topk_shapes(cfg, term.teacher)
+            else:
+                shape = jax.ShapeDtypeStruct(student_out[term.student].shape, np.float32)
+            offline.setdefault(term.teacher, {})[term.source_output] = shape
     batch = abstract_batch(cfg, offline)
 
     teachers = {name: teacher_model(name, s, batch) for name, s in online.items()}

@@ -11,6 +11,10 @@ seeded random batch (right-padded, lengths in [S/2, S]).
     fused+int8     fused, the teachers' projections in int8 (jaxdistill.quantize, qwix PTQ); the
                    teachers' output error against the unquantized teachers is measured and shown
     fused+fp8      the same in fp8 e4m3 (skipped on CPU, where XLA emulates fp8 dots in f32)
+    fused+remat-dots, fused+remat-full
+                   fused, the student's layers rematerialised (`remat: dots` saves the matmul
+                   outputs, `full` only each layer's input): the preset's remat policy is the
+                   fastest variant that fits, read from one run of these against plain fused
     torch-eager    the same workload with transformers' PyTorch Qwen3Model
     torch-compile  the same under torch.compile (teachers' forward and student forward+loss)
 
@@ -36,8 +40,10 @@ import time
 
 import numpy as np
 
-VARIANTS = ("fused", "unfused", "fused+int8", "fused+fp8", "torch-eager", "torch-compile")
+VARIANTS = ("fused", "unfused", "fused+int8", "fused+fp8", "fused+remat-dots", "fused+remat-full",
+            "torch-eager", "torch-compile")
 QUANTIZED = {"fused+int8": "int8", "fused+fp8": "fp8"}
+REMAT = {"fused+remat-dots": "dots", "fused+remat-full": "full"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The linkedin preset's shapes are the experiment config `jaxdistill plan` reads too.
 LINKEDIN_CONFIG = os.path.join(REPO, "configs", "bench", "linkedin.yaml")
@@ -147,7 +153,8 @@ def run_jax(variant: str, args, setup: dict) -> dict:
     teacher_cfg, student_cfg = backbones(args.preset)
     teachers, student, terms = jax_models(
         teacher_cfg, student_cfg, setup["token_ids"], dtype=nums["dtype"],
-        attention_impl=nums["attention_impl"], student_remat=args.student_remat)
+        attention_impl=nums["attention_impl"],
+        student_remat=REMAT.get(variant, args.student_remat))
     optimizer, schedule = step_lib.make_optimizer(step_lib.OptimizerConfig())
     mesh = parallel.make_mesh((-1, 1, 1))
     rules = parallel.DEFAULT_RULES
@@ -196,6 +203,7 @@ def run_jax(variant: str, args, setup: dict) -> dict:
     result = timed_loop(
         run_one, state, first_losses, args, init_s,
         device_kind=device.device_kind, devices=mesh.size, dtype=nums["dtype"],
+        student_remat=student.cfg.backbone.remat,
         peak_memory=lambda: (device.memory_stats() or {}).get("peak_bytes_in_use"),
     )
     if mode is not None:  # after timing: the reference forwards would move the peak memory

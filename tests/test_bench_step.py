@@ -80,14 +80,21 @@ def test_cpu_tiny_runs_every_jax_variant_and_torch_eager(tmp_path):
     bench = _bench()
     out = tmp_path / "bench.json"
     bench.main(["--preset", "cpu-tiny", "--steps", "1", "--warmup", "0", "--in-process",
-                "--variants", "fused,unfused,fused+int8,fused+fp8,torch-eager", "--json", str(out)])
+                "--variants", "fused,unfused,fused+int8,fused+fp8,fused+remat-full,torch-eager",
+                "--json", str(out)])
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"fused", "unfused", "fused+int8", "fused+fp8", "torch-eager"}
+    assert set(results) == {"fused", "unfused", "fused+int8", "fused+fp8", "fused+remat-full",
+                            "torch-eager"}
     assert "emulated in f32 on CPU" in results.pop("fused+fp8")["skipped"]
     for result in results.values():
         assert result["finite"] and result["step_s"] > 0
     # Same weights, same batch: fusing the teachers into the step changes nothing numerically.
     assert results["fused"]["first_losses"] == pytest.approx(results["unfused"]["first_losses"])
+    # Rematerialising the student recomputes its activations: the same losses.
+    assert results["fused+remat-full"]["student_remat"] == "full"
+    assert results["fused"]["student_remat"] == "none"
+    assert results["fused+remat-full"]["first_losses"] == pytest.approx(
+        results["fused"]["first_losses"])
     # int8 teachers: the same losses up to their measured output error, which is reported.
     assert results["fused+int8"]["first_losses"] != results["fused"]["first_losses"]
     assert results["fused+int8"]["first_losses"] == pytest.approx(

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -89,6 +90,39 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(base, tm
     with runlock.RunLock(tmp_path / "other"):
         with pytest.raises(runlock.RunLockedError, match=f"pid {os.getpid()}"):
             runlock.RunLock(tmp_path / "other").acquire()
+
+
+def test_a_reused_pid_or_a_silent_host_loses_its_lock_and_a_beating_holder_keeps_it(
+        tmp_path, monkeypatch, caplog):
+    lock_path = tmp_path / runlock.LOCK_FILE
+
+    def held_by(**holder):
+        lock_path.write_text(json.dumps({"started": "2026-01-01T00:00:00", **holder}))
+
+    # This process is alive, but the lock names another start time: its pid was reused.
+    held_by(pid=os.getpid(), pid_start=runlock._process_start(os.getpid()) + 1,
+            host=socket.gethostname())
+    with runlock.RunLock(tmp_path):
+        assert json.loads(lock_path.read_text())["pid_start"] == runlock._process_start(
+            os.getpid())
+    assert "pid reused by another process" in caplog.text
+
+    # Another host's lock: held while its heartbeat is recent, taken over once it is stale.
+    held_by(pid=1, host="elsewhere")
+    with pytest.raises(runlock.RunLockedError, match="after 600 s without its heartbeat"):
+        runlock.RunLock(tmp_path).acquire()
+    os.utime(lock_path, (time.time() - 601, time.time() - 601))
+    with runlock.RunLock(tmp_path):
+        pass
+    assert "no heartbeat for 601 s" in caplog.text
+
+    # The holder's heartbeat keeps the lock fresh while it is held.
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    with runlock.RunLock(tmp_path):
+        os.utime(lock_path, (time.time() - 601, time.time() - 601))
+        time.sleep(0.3)
+        assert time.time() - lock_path.stat().st_mtime < 5
+    assert not lock_path.exists()
 
 
 # ------------------------------------------------------------- 2. resume checks the config

@@ -129,6 +129,12 @@ def test_unknown_preset_and_stage_errors_name_the_file(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(Exception, match=r"pipeline.yaml: stages.student depends on unknown"):
         pipeline.load_pipeline(path)
+    spec["stages"]["student"]["warm_start"] = "relevance_teacher"
+    spec["evaluate"]["throughput_batches"] = 4  # the hint walks the pipeline's schema
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(Exception, match=r"evaluate.throughput_batches: unknown key; did you "
+                                        r"mean 'throughput_queries'\?"):
+        pipeline.load_pipeline(path)
 
 
 def test_teachers_warm_start_from_the_judge_unless_the_oracle_labels(tmp_path):

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from jaxdistill.data import tokens
+from jaxdistill.data import tokens, topk_store
+from jaxdistill.distill.losses import TOPK_KEYS
 from jaxdistill.data.records import NUM_GRADES, RecordError, update_label_types, validate_record
 from jaxdistill.data.tokenizer import tokenizer_fingerprint
 from jaxdistill.data.tokens import PAIR_KINDS
@@ -29,19 +30,22 @@ PRIMARY = ""  # tokenizer key of the top-level inputs (extra tokenizers have non
 
 
 class _IndexedSource:
-    """Pairs each record with its index in the split (errors and `record_index` name it) and
-    with its stored token ids, {tokenizer key: bytes}, for the tokenizers that have them."""
+    """Pairs each record with its index in the split (errors and `record_index` name it),
+    with its stored token ids, {tokenizer key: bytes}, for the tokenizers that have them, and
+    with its cached top-k teachers, {(teacher, head): bytes} (`topk_store`)."""
 
     def __init__(self, source: Sequence[Mapping[str, Any]],
-                 stored: Mapping[str, Sequence[bytes]]):
-        self._source, self._stored = source, dict(stored)
+                 stored: Mapping[str, Sequence[bytes]],
+                 topk: Mapping[tuple[str, str], Sequence[bytes]] | None = None):
+        self._source, self._stored, self._topk = source, dict(stored), dict(topk or {})
 
     def __len__(self) -> int:
         return len(self._source)
 
-    def __getitem__(self, index: int) -> tuple[int, Any, dict[str, bytes]]:
+    def __getitem__(self, index: int) -> tuple[int, Any, dict[str, bytes], dict]:
         index = int(index)
-        return index, self._source[index], {k: v[index] for k, v in self._stored.items()}
+        return (index, self._source[index], {k: v[index] for k, v in self._stored.items()},
+                {k: v[index] for k, v in self._topk.items()})
 
 
 class _Malformed:
@@ -81,8 +85,8 @@ class EncodeRecords(grain.transforms.Map):
         # Keys whose tokenizers give the same ids share one tokenisation.
         self.same_as = {key: (same_as or {}).get(key, key) for key in self.tokenizers}
 
-    def map(self, element: tuple[int, Any, Mapping[str, bytes]]):
-        index, record, stored = element
+    def map(self, element: tuple[int, Any, Mapping[str, bytes], Mapping]):
+        index, record, stored, topk = element
         try:
             validate_record(self.kind, record, source=self.source_name, index=index)
             if (self.kind not in ("chat", "text")
@@ -104,6 +108,8 @@ class EncodeRecords(grain.transforms.Map):
         rows = {key: encoded[self.same_as[key]] for key in self.tokenizers}
         if self.kind == "chat":
             out = {**self._chat_inputs(rows[PRIMARY], self.tokenizers[PRIMARY].pad_token_id)}
+            if topk:
+                out["offline"] = self._topk(topk, rows[PRIMARY], out, index)
         else:
             out = {**self._pair_inputs(rows[PRIMARY], self.tokenizers[PRIMARY].pad_token_id),
                    **self._labels(record)}
@@ -130,6 +136,34 @@ class EncodeRecords(grain.transforms.Map):
                         raise RecordError(self.source_name, index, field,
                                           f"an array of shape {shape} (as the first record)",
                                           "missing" if value is None else f"shape {found}")
+
+    def _topk(self, blobs: Mapping[tuple[str, str], bytes], rows: list[tokens.Row],
+              inputs: Mapping[str, np.ndarray], index: int) -> dict[str, dict[str, Any]]:
+        """A record's cached top-k teachers over its tokens (padded to max_len unless packing):
+        {teacher: {head: {topk_ids, topk_logprobs, tail_logprob}}}. The cache must cover
+        exactly the positions this tokenisation predicts response tokens from."""
+        ((ids, _),) = rows
+        length = len(ids)
+        wanted = np.flatnonzero(inputs["next_loss_mask"][:length])
+        offline: dict[str, dict[str, Any]] = {}
+        for (teacher, head), blob in blobs.items():
+            dense = topk_store.dense_topk(blob, length)
+            found = np.flatnonzero(dense["topk_ids"][:, 0] >= 0)
+            if not np.array_equal(found, wanted):
+                raise RecordError(
+                    self.source_name, index, f"offline.{teacher}.{head}",
+                    f"a top-k distribution at each of the {len(wanted)} positions predicting "
+                    f"a response token under this tokenizer and max_len {self.max_len}",
+                    f"{len(found)} cached positions {found[:8].tolist()}... against "
+                    f"{wanted[:8].tolist()}...; re-run cache-teacher with this data config")
+            if self.pad_to_max_len:
+                pad = self.max_len - length
+                dense = {"topk_ids": np.pad(dense["topk_ids"], ((0, pad), (0, 0)),
+                                            constant_values=-1),
+                         "topk_logprobs": np.pad(dense["topk_logprobs"], ((0, pad), (0, 0))),
+                         "tail_logprob": np.pad(dense["tail_logprob"], (0, pad))}
+            offline.setdefault(teacher, {})[head] = dense
+        return offline
 
     def _pair_inputs(self, rows: list[tokens.Row], pad_id: int) -> dict[str, np.ndarray]:
         return tokens.token_arrays(rows, pad_id, self.max_len,
@@ -328,6 +362,10 @@ def make_dataset(
     - records carrying cached teacher outputs (`offline`, written by `jaxdistill
       cache-teacher`): `offline` {teacher: {output: float32 [B, ...]}} (listwise:
       [B, N, ...], zeros on padding), read by the step as an offline teacher's outputs.
+    - chat with a top-k cache (`cache-teacher --top-k K`, `data.topk_store`): `offline`
+      {teacher: {head: {"topk_ids" int32 [B, T, K], "topk_logprobs" float16|float32
+      [B, T, K], "tail_logprob" float32 [B, T]}}}, what `losses.topk_teacher` returns: stored
+      at the `next_loss_mask` positions, ids -1 elsewhere (packed rows: packed like the masks).
     - with `skip_malformed=True`: `batch_malformed` int32 scalar, the malformed records
       skipped since the previous batch (sum it at the metric cadence).
 
@@ -353,6 +391,8 @@ def make_dataset(
                                else len(source[0].get("member_features", [])))
     if offline_shapes is None:
         offline_shapes = {} if kind == "chat" else offline_shapes_of(source[0], kind)
+    stored_topk = getattr(source, "stored_topk", None)
+    topk = stored_topk() if kind == "chat" and stored_topk is not None else {}
     if label_types is None and kind == "text":
         label_types = label_types_of(source)
     if any(not isinstance(key, str) or not key for key in extra_tokenizers or {}):
@@ -370,7 +410,7 @@ def make_dataset(
             if ids is not None:
                 stored[key] = ids
 
-    dataset = grain.MapDataset.source(_IndexedSource(source, stored))
+    dataset = grain.MapDataset.source(_IndexedSource(source, stored, topk))
     # Equal shards (the remainder is dropped) keep every host stepping in lockstep.
     per_shard = len(dataset) // shard_count
     if per_shard == 0:
@@ -392,11 +432,20 @@ def make_dataset(
     if skip_malformed:
         iter_dataset = SkipMalformed(iter_dataset)
     if pack:
+        length_struct = {"input_ids": max_len, **{mask: max_len for mask in CHAT_MASKS}}
+        padding_struct = {key: None for key in length_struct}
+        meta = (*CHAT_MASKS, "malformed") if skip_malformed else CHAT_MASKS
+        if topk:  # cached top-k arrays pack along the tokens; ids are -1 on padding
+            length_struct["offline"], padding_struct["offline"] = {}, {}
+            for teacher, head in topk:
+                length_struct["offline"].setdefault(teacher, {})[head] = dict.fromkeys(
+                    TOPK_KEYS, max_len)
+                padding_struct["offline"].setdefault(teacher, {})[head] = {
+                    "topk_ids": -1, "topk_logprobs": None, "tail_logprob": None}
+            meta = (*meta, "offline")
         iter_dataset = grain.experimental.FirstFitPackIterDataset(
-            iter_dataset, length_struct={"input_ids": max_len,
-                                         **{mask: max_len for mask in CHAT_MASKS}},
-            num_packing_bins=batch_size, seed=seed, shuffle_bins=shuffle,
-            meta_features=(*CHAT_MASKS, "malformed") if skip_malformed else CHAT_MASKS)
+            iter_dataset, length_struct=length_struct, padding_struct=padding_struct,
+            num_packing_bins=batch_size, seed=seed, shuffle_bins=shuffle, meta_features=meta)
         iter_dataset = iter_dataset.map(_finish_packed)
     iter_dataset = iter_dataset.batch(batch_size, drop_remainder=drop_remainder)
     iter_dataset = iter_dataset.map(_finish_batch)

@@ -263,6 +263,73 @@ def write_dataset(
     return out_dir
 
 
+def join_datasets(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
+                  overwrite: bool = False) -> Path:
+    """Joins datasets of one kind and the same splits, each written by one process (part i's
+    records follow part i-1's), into one dataset at `out_dir`, then deletes the parts.
+
+    Record shards are renamed in order to `<name>-<split>.array_record-<j>-of-<total>`, split
+    sizes, shard lengths and byte counts summed, content hashes recomputed over the joined
+    records (so the result reads, and hashes, as one write of all records); every other file
+    of a part below a subdirectory (a top-k cache's `offline/...` shards) moves as it is.
+    Atomic as `write_dataset`: staged beside `out_dir`, renamed onto it at the end."""
+    parts, out_dir = [Path(p) for p in parts], Path(out_dir)
+    infos = [json.loads((p / "dataset_info.json").read_text()) for p in parts]
+    metas = [json.loads((p / "metadata.json").read_text()) for p in parts]
+    splits = [[entry["name"] for entry in info["splits"]] for info in infos]
+    if any(m["kind"] != metas[0]["kind"] for m in metas) or any(s != splits[0] for s in splits):
+        raise ValueError(f"cannot join {[os.fspath(p) for p in parts]}: kinds "
+                         f"{[m['kind'] for m in metas]} and splits {splits} must all be equal")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
+    info, name, fmt = infos[0], infos[0]["name"], infos[0]["fileFormat"]
+    stage = out_dir.parent / f".{out_dir.name}.incomplete-{uuid.uuid4().hex[:8]}"
+    stage.mkdir(parents=True)
+    try:
+        for entry in info["splits"]:
+            split = entry["name"]
+            files = [f for p, part_info in zip(parts, infos) for f in sorted(
+                p.glob(f"{glob.escape(part_info['name'])}-{glob.escape(split)}.{fmt}-*"))]
+            for j, path in enumerate(files):
+                os.rename(path, stage / f"{name}-{split}.{fmt}-{j:05d}-of-{len(files):05d}")
+            joined = [next(e for e in part_info["splits"] if e["name"] == split)
+                      for part_info in infos]
+            entry["shardLengths"] = [n for e in joined for n in e["shardLengths"]]
+            entry["numBytes"] = str(sum(int(e.get("numBytes", 0)) for e in joined))
+        for part in parts:
+            for path in sorted(part.rglob("*")):
+                relative = path.relative_to(part)
+                if path.is_file() and len(relative.parts) > 1:
+                    (stage / relative).parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(path, stage / relative)
+        shutil.copy2(parts[0] / "features.json", stage / "features.json")
+        (stage / "dataset_info.json").write_text(json.dumps(info, indent=2))
+        meta = {**metas[0], "skipped": {s: sum(m["skipped"].get(s, 0) for m in metas)
+                                        for s in splits[0]}}
+        for split in splits[0]:
+            merged: dict[str, str] = {}
+            for m in metas:
+                for label, kind in m.get("label_types", {}).get(split, {}).items():
+                    if merged.get(label) != "float":
+                        merged[label] = kind
+            meta.setdefault("label_types", {})[split] = dict(sorted(merged.items()))
+        (stage / "metadata.json").write_text(json.dumps(meta))
+        meta["content_sha256"] = {s: content_hash(open_source(stage, s)) for s in splits[0]}
+        (stage / "metadata.json").write_text(json.dumps(meta))
+        if out_dir.exists():
+            trash = stage.with_name(stage.name + "-old")
+            os.rename(out_dir, trash)
+            os.rename(stage, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(stage, out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    for part in parts:
+        shutil.rmtree(part, ignore_errors=True)
+    return out_dir
+
+
 def _existing_info(out_dir: Path) -> dict[str, Any]:
     if not (out_dir / "dataset_info.json").is_file():
         raise FileExistsError(f"{out_dir} exists and is not a jaxdistill dataset (no "
@@ -385,6 +452,21 @@ class RecordSource:
         if len(stored) != len(self):
             raise ValueError(f"{self.name}: {path} holds {len(stored)} token rows for "
                              f"{len(self)} records; rewrite the split with `data prepare`")
+        return stored
+
+    def stored_topk(self) -> dict[tuple[str, str], Sequence[bytes]]:
+        """{(teacher, head): per-record top-k blobs} cached for this split by `cache-teacher
+        --top-k` (`topk_store.dense_topk` reads each)."""
+        from jaxdistill.data import topk_store
+
+        stored = {}
+        for key, paths in topk_store.stored_heads(self._dir, self._split).items():
+            blobs = topk_store.open_shards(paths)
+            if len(blobs) != len(self):
+                raise ValueError(f"{self.name}: the top-k cache of {key[0]}.{key[1]} holds "
+                                 f"{len(blobs)} entries for {len(self)} records "
+                                 f"({[p.name for p in paths]}); re-run cache-teacher")
+            stored[key] = blobs
         return stored
 
     def __len__(self) -> int:

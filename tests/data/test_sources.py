@@ -136,3 +136,25 @@ def test_split_added_to_a_builder_subclass_dataset(tmp_path):
     assert [r["messages"][0]["content"] for r in sources.open_source(builder.data_dir)] == [
         "hi 0", "hi 1", "hi 2"]
     assert list(sources.open_source(builder.data_dir, "validation")) == extra
+
+
+def test_joined_parts_read_as_one_write(tmp_path):
+    """What each process of a sharded cache-teacher writes, joined: the one-write dataset."""
+    train, test = listwise_records(7), listwise_records(3)
+    whole = sources.write_dataset({"train": train, "test": test}, "listwise", tmp_path / "whole")
+    parts = [sources.write_dataset({"train": train[lo:hi], "test": test[a:b]}, "listwise",
+                                   tmp_path / f"part{i}")
+             for i, (lo, hi, a, b) in enumerate([(0, 3, 0, 1), (3, 7, 1, 3)])]
+    (parts[1] / "offline" / "t").mkdir(parents=True)
+    (parts[1] / "offline" / "t" / "x-00001-of-00002").write_bytes(b"side")
+    joined = sources.join_datasets(parts, tmp_path / "joined")
+    assert not any(p.exists() for p in parts)
+    assert list(sources.open_source(joined, "train")) == train
+    assert list(sources.open_source(joined, "test")) == test
+    assert sources.dataset_info(joined) == sources.dataset_info(whole)
+    assert sorted(p.name for p in joined.glob("*-train.array_record-*")) == [
+        "jaxdistill_records-train.array_record-00000-of-00002",
+        "jaxdistill_records-train.array_record-00001-of-00002"]
+    assert (joined / "offline" / "t" / "x-00001-of-00002").read_bytes() == b"side"
+    with pytest.raises(FileExistsError, match="already exists"):
+        sources.join_datasets([whole], joined)
