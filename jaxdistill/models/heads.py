@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jaxdistill.models.layers import Linear
 
@@ -38,13 +38,28 @@ class ClassifierHead(_Head):
 class ActionHead(_Head):
     """K sigmoid logits. `features`: width of the batch's `member_features` concatenated to the
     pooled state; `position_buckets`: a one-hot of the batch's logged `position` (clipped to the
-    last bucket), so position bias is learned apart from relevance; score at position 0."""
+    last bucket), so position bias is learned apart from relevance; score at position 0.
+    `prior`: each action's base rate, where its logit's bias starts (at its log-odds), so a
+    rare action starts at its rate instead of 0.5 and the first steps are not spent learning
+    it (RetinaNet's prior initialisation)."""
 
     type: Literal["actions"] = "actions"
     names: tuple[str, ...]
     features: int = Field(default=0, ge=0)
     position_buckets: int = Field(default=0, ge=0)
     hidden: int = Field(default=0, ge=0)
+    prior: tuple[float, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check_prior(self):
+        if self.prior is not None:
+            if len(self.prior) != len(self.names):
+                raise ValueError(f"prior has {len(self.prior)} rates for {len(self.names)} "
+                                 f"actions {list(self.names)}")
+            if not all(0.0 < p < 1.0 for p in self.prior):
+                raise ValueError(f"prior rates must lie strictly between 0 and 1, got "
+                                 f"{list(self.prior)}")
+        return self
 
 
 class ProjectionHead(_Head):
@@ -86,8 +101,12 @@ def build_head(cfg: HeadConfig, width: int, *, param_dtype, rngs: nnx.Rngs) -> D
     if isinstance(cfg, ClassifierHead):
         return Dense(width, cfg.classes, 0, None, **kw)
     if isinstance(cfg, ActionHead):
-        return Dense(width + cfg.features + cfg.position_buckets, len(cfg.names), cfg.hidden,
-                     "actions", **kw)
+        dense = Dense(width + cfg.features + cfg.position_buckets, len(cfg.names), cfg.hidden,
+                      "actions", **kw)
+        if cfg.prior is not None:
+            prior_K = jnp.asarray(cfg.prior, jnp.float32)
+            dense.out.bias[...] = jnp.log(prior_K / (1 - prior_K)).astype(param_dtype)
+        return dense
     if isinstance(cfg, ProjectionHead):
         return Dense(width, cfg.out_dim, 0, None, **kw)
     return None
