@@ -18,6 +18,7 @@ A stage interrupted half-way resumes from its last checkpoint on the next run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -206,6 +207,9 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
     for head in raw.get("model", {}).get("heads", {}).values():
         if head.get("type") == "token_score":
             head["token_ids"] = [no_id, yes_id]
+        if head.get("type") == "actions" and "position_prior" in head:
+            head["position_prior"] = logged_position_rates(
+                data.path / "records", head["names"], head["position_buckets"])
     # An offline teacher is the labeller whose outputs the records carry (the judge's
     # per-dimension grades): it reads the stage's own data.
     for teacher in raw.get("teachers") or {}:
@@ -223,6 +227,31 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
     elif stage.warm_start and stage.warm_start != JUDGE:
         raise config_lib.ConfigError(f"stage {name}: warm_start {stage.warm_start!r} has not run")
     return config_lib.validate(raw, source=str(base_dir / stage.config))
+
+
+@functools.lru_cache(maxsize=8)
+def _logged_position_rates(records_dir: str, names: tuple[str, ...],
+                           buckets: int) -> list[list[float]]:
+    from jaxdistill import evaluate
+
+    records = _read_split(Path(records_dir), "train")
+    positions = [min(c["position"], buckets - 1) for r in records for c in r["candidates"]]
+    rates = []
+    for name in names:
+        labels = [c["actions"].get(name, 0) for r in records for c in r["candidates"]]
+        mask = [name in c["actions"] for r in records for c in r["candidates"]]
+        rates_P = evaluate.position_rates(positions, labels, mask)
+        rates_P = np.pad(rates_P, (0, buckets - len(rates_P)), mode="edge")
+        rates.append(np.clip(rates_P, 1e-4, 1 - 1e-4).round(5).tolist())
+    return rates
+
+
+def logged_position_rates(records_dir: Path, names: Sequence[str],
+                          buckets: int) -> list[list[float]]:
+    """Each action's rate at each logged position (the last bucket holds the positions past
+    it) on the train split: an action head's `position_prior`, the position-only baseline it
+    starts from."""
+    return _logged_position_rates(str(records_dir), tuple(names), buckets)
 
 
 def _stage_spec(cfg: PipelineConfig, name: str) -> StageSpec:
