@@ -66,7 +66,9 @@ def test_editing_a_stage_reruns_only_what_depends_on_it(tmp_path):
                           "evaluation"}
 
     engagement = path.parent / "engagement_teacher.yaml"
-    engagement.write_text(engagement.read_text().replace("hidden: 64", "hidden: 48"))
+    edit = engagement.read_text().replace("learning_rate: 5.0e-3", "learning_rate: 4.0e-3")
+    assert edit != engagement.read_text()
+    engagement.write_text(edit)
     edited = rerun(path, workdir)
     changed = {name for name in edited if edited[name][0] != first[name][0]}
     assert changed == {"engagement_teacher", "student", "evaluation"}
