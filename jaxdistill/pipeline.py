@@ -18,6 +18,7 @@ A stage interrupted half-way resumes from its last checkpoint on the next run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from jaxdistill import config as config_lib
 from jaxdistill import judge as judge_lib
 
-DATA_FORMAT_VERSION = 3  # bump when the workload's records change shape
+DATA_FORMAT_VERSION = 4  # bump when the workload's records or their encoding change
 EVALUATION_VERSION = 3  # bump when evaluation changes what it measures
 EVAL_SPLITS = ("validation", "test", "golden")
 JUDGE = "judge"  # the judge's stage name
@@ -40,6 +41,7 @@ JUDGE = "judge"  # the judge's stage name
 # the simulation's ground truth: evaluation fits grade thresholds and calibrates on validation
 # and measures on test, so a judge's bias there would be calibrated in and then scored.
 JUDGE_LABELLED_SPLITS = ("train",)
+THROUGHPUT_CALLS = 5  # timed scoring calls per model; items/s is the fastest one's
 
 
 class _Strict(BaseModel):
@@ -205,6 +207,9 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
     for head in raw.get("model", {}).get("heads", {}).values():
         if head.get("type") == "token_score":
             head["token_ids"] = [no_id, yes_id]
+        if head.get("type") == "actions" and "position_prior" in head:
+            head["position_prior"] = logged_position_rates(
+                data.path / "records", head["names"], head["position_buckets"])
     # An offline teacher is the labeller whose outputs the records carry (the judge's
     # per-dimension grades): it reads the stage's own data.
     for teacher in raw.get("teachers") or {}:
@@ -222,6 +227,31 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
     elif stage.warm_start and stage.warm_start != JUDGE:
         raise config_lib.ConfigError(f"stage {name}: warm_start {stage.warm_start!r} has not run")
     return config_lib.validate(raw, source=str(base_dir / stage.config))
+
+
+@functools.lru_cache(maxsize=8)
+def _logged_position_rates(records_dir: str, names: tuple[str, ...],
+                           buckets: int) -> list[list[float]]:
+    from jaxdistill import evaluate
+
+    records = _read_split(Path(records_dir), "train")
+    positions = [min(c["position"], buckets - 1) for r in records for c in r["candidates"]]
+    rates = []
+    for name in names:
+        labels = [c["actions"].get(name, 0) for r in records for c in r["candidates"]]
+        mask = [name in c["actions"] for r in records for c in r["candidates"]]
+        rates_P = evaluate.position_rates(positions, labels, mask)
+        rates_P = np.pad(rates_P, (0, buckets - len(rates_P)), mode="edge")
+        rates.append(np.clip(rates_P, 1e-4, 1 - 1e-4).round(5).tolist())
+    return rates
+
+
+def logged_position_rates(records_dir: Path, names: Sequence[str],
+                          buckets: int) -> list[list[float]]:
+    """Each action's rate at each logged position (the last bucket holds the positions past
+    it) on the train split: an action head's `position_prior`, the position-only baseline it
+    starts from."""
+    return _logged_position_rates(str(records_dir), tuple(names), buckets)
 
 
 def _stage_spec(cfg: PipelineConfig, name: str) -> StageSpec:
@@ -470,7 +500,9 @@ def _golden_dimensions(data: StageOutput, rows: int, list_size: int) -> dict[str
 def measure_items_per_second(stage: StageOutput, experiment: config_lib.Experiment,
                              spec: EvaluateSpec) -> tuple[float, float]:
     """(items/s, forward FLOPs per item) of a stage's model scoring `spec.throughput_queries`
-    test queries per call (the evaluator's forward on device-resident inputs, best of two)."""
+    test queries per call (the evaluator's forward on device-resident inputs, the best of
+    THROUGHPUT_CALLS timed calls: on a shared machine the fastest call is the model's rate,
+    the others carry other processes' load)."""
     import jax
 
     from jaxdistill import evaluate
@@ -489,7 +521,8 @@ def measure_items_per_second(stage: StageOutput, experiment: config_lib.Experime
         return jax.block_until_ready(forward(params, batch))
 
     rate = max(evaluate.measure_throughput(score, [inputs], warmup=1 if i == 0 else 0,
-                                           items_per_batch=[items]) for i in range(2))
+                                           items_per_batch=[items])
+               for i in range(THROUGHPUT_CALLS))
     backbone = model.cfg.backbone
     width = backbone.heads * getattr(backbone, "head_dim", backbone.hidden // backbone.heads)
     flops = evaluate.forward_flops_per_item(count_params(params, exclude_embeddings=True),

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -65,7 +66,9 @@ def test_editing_a_stage_reruns_only_what_depends_on_it(tmp_path):
                           "evaluation"}
 
     engagement = path.parent / "engagement_teacher.yaml"
-    engagement.write_text(engagement.read_text().replace("hidden: 64", "hidden: 48"))
+    edit = engagement.read_text().replace("learning_rate: 5.0e-3", "learning_rate: 4.0e-3")
+    assert edit != engagement.read_text()
+    engagement.write_text(edit)
     edited = rerun(path, workdir)
     changed = {name for name in edited if edited[name][0] != first[name][0]}
     assert changed == {"engagement_teacher", "student", "evaluation"}
@@ -155,3 +158,27 @@ def test_teachers_warm_start_from_the_judge_unless_the_oracle_labels(tmp_path):
     # Its per-dimension labels are an offline teacher reading the stage's own records.
     assert str(experiment({}).teachers["judge"].source) == f"offline:{data.path / 'records'}"
     assert experiment({}).model.warm_start is None  # judge: oracle, no judge model
+
+
+def test_action_heads_start_from_the_logged_position_rates(tmp_path):
+    """The pipeline fills an action head's `position_prior` with each action's rate at each
+    logged position of the train split (counted as the position-only baseline counts)."""
+    from jaxdistill import evaluate
+
+    path = tiny_pipeline(tmp_path)
+    cfg, base_dir = pipeline.load_pipeline(path)
+    preset = cfg.presets["tiny"]
+    policy_path = Path(cfg.policy).resolve()
+    policy_hash = judge_lib.load_policy(policy_path).content_hash
+    data = pipeline.prepare_data(cfg, preset, tmp_path / "runs", policy_path, policy_hash)
+    head = pipeline.stage_experiment(cfg, "engagement_teacher", base_dir, preset, data,
+                                     policy_path, {}, for_key=False).model.heads["actions"]
+    records = pipeline._read_split(data.path / "records", "train")
+    candidates = [c for r in records for c in r["candidates"]]
+    click = evaluate.position_rates([c["position"] for c in candidates],
+                                    [c["actions"]["click"] for c in candidates])
+    rates = np.asarray(head.position_prior)
+    assert rates.shape == (3, head.position_buckets)  # apply, click, dismiss x 20 buckets
+    # Lists of 4: positions past the last seen one take its rate.
+    np.testing.assert_allclose(rates[1], np.clip(np.r_[click, [click[-1]] * 16], 1e-4, 1),
+                               atol=1e-5)

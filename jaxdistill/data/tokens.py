@@ -16,19 +16,30 @@ from typing import Any
 import numpy as np
 
 # Bump when the text layout below changes: stored ids of an older layout are then not used.
-ENCODING_VERSION = 2
+ENCODING_VERSION = 3
 PAIR_KINDS = ("pointwise", "impressions", "listwise", "text")
 
 Row = tuple[np.ndarray, np.ndarray]
 
 
-def pair_segments(kind: str, record: Mapping[str, Any],
-                  limit: int | None = None) -> list[tuple[str, str | None]]:
-    """(first, second) segment of each row. Pairs: the query plus (when non-empty) the member
-    text on a new line, then the document; text: `text`, then `text_pair` if any."""
+def query_member_separator(tokenizer) -> str:
+    """What joins the query and the member text in a pair's first segment: the tokenizer's
+    separator token where it has one (as BERT-style cross-encoders join a third text), else a
+    new line. A model must see where the query ends: the policy grades some dimensions
+    against the query and others against the member, and a WordPiece tokenizer drops a bare
+    new line, which ran the two together."""
+    sep = getattr(tokenizer, "sep_token", None)
+    return f" {sep} " if sep else "\n"
+
+
+def pair_segments(kind: str, record: Mapping[str, Any], limit: int | None = None, *,
+                  separator: str = "\n") -> list[tuple[str, str | None]]:
+    """(first, second) segment of each row. Pairs: the query plus (when non-empty)
+    `separator` and the member text (`query_member_separator` of the tokenizer), then the
+    document; text: `text`, then `text_pair` if any."""
     if kind == "text":
         return [(record["text"], record.get("text_pair"))]
-    first = record["query"] + ("\n" + record["member"] if record["member"].strip() else "")
+    first = record["query"] + (separator + record["member"] if record["member"].strip() else "")
     candidates = record["candidates"][:limit] if kind == "listwise" else [record]
     return [(first, candidate["document"]) for candidate in candidates]
 
@@ -38,7 +49,7 @@ def encode_rows(kind: str, record: Mapping[str, Any], tokenizer, max_len: int, *
     """The rows of a validated record (listwise: its first `limit` candidates, all if None)."""
     if kind == "chat":
         return [_encode_chat(record["messages"], tokenizer, max_len, where)]
-    segments = pair_segments(kind, record, limit)
+    segments = pair_segments(kind, record, limit, separator=query_member_separator(tokenizer))
     seconds = [second for _, second in segments]
     encodings = tokenizer(
         [first for first, _ in segments], None if None in seconds else seconds,

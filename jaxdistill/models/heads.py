@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jaxdistill.models.layers import Linear
 
@@ -38,13 +38,42 @@ class ClassifierHead(_Head):
 class ActionHead(_Head):
     """K sigmoid logits. `features`: width of the batch's `member_features` concatenated to the
     pooled state; `position_buckets`: a one-hot of the batch's logged `position` (clipped to the
-    last bucket), so position bias is learned apart from relevance; score at position 0."""
+    last bucket), so position bias is learned apart from relevance; score at position 0.
+    `prior`: each action's base rate, where its logit's bias starts (at its log-odds), so a
+    rare action starts at its rate instead of 0.5 and the first steps are not spent learning
+    it (RetinaNet's prior initialisation). `position_prior` [K][position_buckets]: each
+    action's rate at each logged position (counted on the logs): a linear head (`hidden: 0`)
+    starts with those log-odds as its position weights, so it starts as the position-only
+    model and learns what the text and member features add to it; a few hundred noisy steps
+    cannot estimate position bias as well as counting does."""
 
     type: Literal["actions"] = "actions"
     names: tuple[str, ...]
     features: int = Field(default=0, ge=0)
     position_buckets: int = Field(default=0, ge=0)
     hidden: int = Field(default=0, ge=0)
+    prior: tuple[float, ...] | None = None
+    position_prior: tuple[tuple[float, ...], ...] | None = None
+
+    @model_validator(mode="after")
+    def _check_prior(self):
+        rates = list(self.prior or ()) + [r for row in self.position_prior or () for r in row]
+        if not all(0.0 < r < 1.0 for r in rates):
+            raise ValueError(f"prior rates must lie strictly between 0 and 1, got {rates}")
+        if self.prior is not None and len(self.prior) != len(self.names):
+            raise ValueError(f"prior has {len(self.prior)} rates for {len(self.names)} "
+                             f"actions {list(self.names)}")
+        if self.position_prior:
+            shape = (len(self.position_prior), {len(row) for row in self.position_prior})
+            if shape != (len(self.names), {self.position_buckets}):
+                raise ValueError(
+                    f"position_prior must hold {len(self.names)} rows (actions "
+                    f"{list(self.names)}) of {self.position_buckets} rates (position_buckets), "
+                    f"got {shape[0]} rows of lengths {sorted(shape[1])}")
+            if self.hidden or self.prior is not None:
+                raise ValueError("position_prior initialises a linear head's position weights: "
+                                 f"it needs hidden: 0 (got {self.hidden}) and no prior")
+        return self
 
 
 class ProjectionHead(_Head):
@@ -86,8 +115,17 @@ def build_head(cfg: HeadConfig, width: int, *, param_dtype, rngs: nnx.Rngs) -> D
     if isinstance(cfg, ClassifierHead):
         return Dense(width, cfg.classes, 0, None, **kw)
     if isinstance(cfg, ActionHead):
-        return Dense(width + cfg.features + cfg.position_buckets, len(cfg.names), cfg.hidden,
-                     "actions", **kw)
+        dense = Dense(width + cfg.features + cfg.position_buckets, len(cfg.names), cfg.hidden,
+                      "actions", **kw)
+        log_odds = lambda p: jnp.log(p / (1 - p)).astype(param_dtype)  # noqa: E731
+        if cfg.prior is not None:
+            dense.out.bias[...] = log_odds(jnp.asarray(cfg.prior, jnp.float32))
+        if cfg.position_prior:
+            # The one-hot's rows of the kernel: its inputs follow the pooled state and features.
+            start = width + cfg.features
+            rates_PxK = jnp.asarray(cfg.position_prior, jnp.float32).T
+            dense.out.kernel[start:start + cfg.position_buckets] = log_odds(rates_PxK)
+        return dense
     if isinstance(cfg, ProjectionHead):
         return Dense(width, cfg.out_dim, 0, None, **kw)
     return None

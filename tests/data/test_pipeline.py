@@ -1,8 +1,10 @@
 """grain pipelines: batch contract, shuffling, sharding, malformed records, resume, packing."""
+import types as types_lib
+
 import numpy as np
 import pytest
 
-from jaxdistill.data import pipeline, sources
+from jaxdistill.data import pipeline, sources, tokens
 from jaxdistill.data.records import RecordError
 from jaxdistill.data.tokenizer import load_tokenizer
 
@@ -49,6 +51,21 @@ def test_pointwise_batch_contract(tokenizer):
     first = tokenizer.decode(batch["input_ids"][1][batch["token_type_ids"][1] == 0],
                              skip_special_tokens=True)
     assert first == "python engineer 1 senior analyst"
+
+
+def test_query_and_member_are_separated(tokenizer, bert_tokenizer):
+    # The policy grades some dimensions against the query and others against the member, so
+    # a model must see where one ends: a WordPiece tokenizer drops a bare new line.
+    record = {"query": "python engineer", "member": "senior nurse", "document": "remote job"}
+    for each in (tokenizer, bert_tokenizer):
+        ((ids, types),) = tokens.encode_rows("pointwise", record, each, 32)
+        words = each.convert_ids_to_tokens(ids[types == 0].tolist())
+        assert words[words.index("engineer") + 1] == each.sep_token, words
+        assert words.count(each.sep_token) == 2  # between query and member, and closing A
+    without_sep = types_lib.SimpleNamespace(sep_token=None)
+    assert tokens.query_member_separator(without_sep) == "\n"
+    assert tokens.pair_segments("pointwise", {**record, "member": " "},
+                                separator=" [SEP] ") == [("python engineer", "remote job")]
 
 
 def test_listwise_pads_and_truncates_lists(tokenizer):

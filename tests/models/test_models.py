@@ -407,3 +407,29 @@ def test_action_head_reads_the_logged_position_one_hot():
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="needs the logged 'position'"):
         model.apply(params, {k: v for k, v in batch.items() if k != "position"})
+
+
+def test_action_priors_set_the_initial_rates():
+    """`prior` starts each action at its base rate; `position_prior` starts a linear head as
+    the position-only model: p(action | position) = the logged rate (up to the small random
+    weights on the pooled state and features)."""
+    rates = ((0.01, 0.2, 0.05), (0.3, 0.1, 0.6))
+    heads = {"actions": {"type": "actions", "names": ["click", "apply"], "features": 3,
+                         "position_buckets": 3, "position_prior": rates},
+             "base": {"type": "actions", "names": ["click", "apply"], "prior": [0.02, 0.5]}}
+    model = functional(ModelConfig(backbone=TINY_DECODER, heads=heads))
+    batch = {**_batch([5, 5, 5, 5], 6), "position": np.array([0, 1, 2, 7], np.int32)}
+    out = model.apply(model.init(0), batch)
+    log_odds = lambda p: np.log(np.asarray(p) / (1 - np.asarray(p)))  # noqa: E731
+    want = log_odds(np.array(rates).T[[0, 1, 2, 2]])  # position 7 reads the last bucket
+    # The random part: 0.02-scale weights over unit-RMS inputs, a few tenths of a logit.
+    np.testing.assert_allclose(out["actions"], want, atol=0.5)
+    np.testing.assert_allclose(out["base"], log_odds([[0.02, 0.5]] * 4), atol=0.5)
+    bad = {"type": "actions", "names": ["click"], "position_buckets": 3}
+    with pytest.raises(ValidationError, match="1 rows .* of 3 rates"):
+        ModelConfig(backbone=TINY_DECODER, heads={"a": {**bad, "position_prior": [[0.1, 0.2]]}})
+    with pytest.raises(ValidationError, match="needs hidden: 0"):
+        ModelConfig(backbone=TINY_DECODER,
+                    heads={"a": {**bad, "hidden": 4, "position_prior": [[0.1, 0.2, 0.3]]}})
+    with pytest.raises(ValidationError, match="strictly between 0 and 1"):
+        ModelConfig(backbone=TINY_DECODER, heads={"a": {**bad, "prior": [0.0]}})
