@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from jaxdistill.distill import losses
 
@@ -122,6 +122,16 @@ class Term(BaseModel):
             raise ValueError(f"term {self.name!r}: 'teacher_mask' is for cross-vocabulary "
                              f"losses; loss {self.loss!r} compares the same tokens")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_masking(self, handler):
+        # A term without `given` dumps as it did before the option existed, so the pipeline's
+        # stage keys (hashes of the dumped config) of existing configs do not change.
+        data = handler(self)
+        if not self.given and isinstance(data, dict):
+            for key in ("given", "given_label", "given_columns"):
+                data.pop(key, None)
+        return data
 
     @property
     def source_output(self) -> str:
