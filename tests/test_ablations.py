@@ -180,3 +180,8 @@ def test_a_bad_override_exits_2_before_anything_trains(tiny, capsys):
             "['objective.0.wieght=0.3', 'seed=0'] is not a valid config") in err
     assert "objective[0].wieght: unknown key; did you mean 'weight'?" in err  # the stage's own
     assert not (tiny["tmp"] / "runs" / "tiny" / "judge").exists()  # nothing trained
+
+
+def test_seeds_without_ablations_is_refused(tiny_cfg, capsys):
+    assert cli.main(["pipeline", str(tiny_cfg["path"]), "--preset", "tiny", "--seeds", "2"]) == 2
+    assert "--seeds N is the number of seeds of --ablations" in capsys.readouterr().err
