@@ -316,7 +316,10 @@ def _cell(stats: Mapping[str, Any] | None, baseline: Mapping[str, Any] | None, i
     if baseline and not is_baseline:
         delta = stats["mean"] - baseline["mean"]
         relative = f", {100 * delta / abs(baseline['mean']):+.1f}%" if baseline["mean"] else ""
-        text += f" (Δ {delta:+.4f}{relative})"
+        # The standard error of a difference of two means; with one seed there is no spread.
+        error = np.sqrt(stats["std"] ** 2 / stats["n"] + baseline["std"] ** 2 / baseline["n"])
+        mark = " †" if np.isfinite(error) and abs(delta) > 2 * error else ""
+        text += f" (Δ {delta:+.4f}{relative}{mark})"
     return text
 
 
@@ -328,7 +331,9 @@ def table_markdown(spec: AblationsSpec, results: Mapping[str, Any], *, seeds: in
     lines = ["# Ablations: the method's claims, measured", "",
              f"{done} of {total} (variant, seed) runs finished, {seeds} seeds requested; "
              f"{seconds / 60:.1f} min. Each cell: mean ± std over seeds (sample std, ddof=1), "
-             "and for a variant its delta against the study's baseline (**bold**). Held-out "
+             "and for a variant its delta against the study's baseline (**bold**); † marks a "
+             "delta larger than twice its standard error (sqrt(std_v²/n_v + std_b²/n_b)), "
+             "i.e. beyond the seed-to-seed spread. Held-out "
              "test split; kappa on the golden set; calibration fitted on validation.", "",
              "Shared by every variant and seed: the workload (data) and the judge that labels "
              "it (one simulated world, one judge: a seed varies models, not the world). A seed "

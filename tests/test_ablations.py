@@ -81,6 +81,16 @@ def test_table_marks_the_baseline_and_gives_each_variant_its_delta(tiny_cfg):
     assert rows[2] == ("| hard | 1/2 (failed: seed 1) | 0.4500 (Δ -0.1500, -25.0%) "
                        "| 0.3000 (Δ -0.2000, -40.0%) |")
     assert "| **warm (baseline)** | 0/2 | — | — | — |" in text  # not run yet
+    # † where the delta exceeds twice its standard error: NDCG 0.2 ± 0.01 over 3 seeds vs
+    # 0.6 ± 0.1414 over 2 (error sqrt(0.01**2 / 3 + 0.1414**2 / 2) = 0.1002, delta 0.4);
+    # kappa 0.45 ± 0.15 over 3 vs 0.5 ± 0.1414 (error 0.1323, delta 0.05).
+    results["labels"]["hard"]["summary"] = ablations.aggregate(
+        [{"ndcg_at_10": n, "kappa": k} for n, k in ((0.19, 0.3), (0.2, 0.45), (0.21, 0.6))])
+    rows = [line for line in ablations.table_markdown(spec, results, seeds=2, seconds=60,
+                                                      done=4, total=4).splitlines()
+            if line.startswith("| hard")]
+    assert "| 0.2000 ± 0.0100 (Δ -0.4000, -66.7% †) | 0.4500 ± 0.1500 (Δ -0.0500, -10.0%) |" \
+        in rows[0]
     assert "Shared by every variant and seed: the workload (data) and the judge" in text
 
 
