@@ -214,20 +214,23 @@ def stage_keys(run: Run, base_dir: Path, preset: pipeline.PresetSpec, data: pipe
 # ------------------------------------------------------------------------------ metrics
 
 
+CALIBRATIONS = ("position_aware", "global")
+
+
 def model_metrics(cfg: pipeline.PipelineConfig, stage: pipeline.StageOutput,
-                  experiment: config_lib.Experiment, names: Sequence[str],
-                  calibration: str = "position_aware") -> dict[str, float]:
-    """The named metrics of a trained stage's model on the held-out splits (test; kappa on
-    the golden set; thresholds and calibrators fitted on validation). Cached in the stage's
-    directory, so a variant that re-measures a shared stage costs nothing."""
+                  experiment: config_lib.Experiment) -> dict[str, Any]:
+    """Every metric a study may ask of a trained stage's model, on the held-out splits (test;
+    kappa on the golden set; grade thresholds and calibrators fitted on validation):
+    {"metrics": {name: value}, "ece": {calibration: {"ece_<head>": value}}}. Computed once per
+    stage (one forward over the splits) and cached in its directory, so every study and variant
+    that measures a shared stage reads the same numbers."""
     from jaxdistill import calibration as calibration_lib
     from jaxdistill import evaluate
 
-    request = {"metrics": sorted(names), "calibration": calibration,
-               "evaluate": cfg.evaluate.model_dump(), "version": pipeline.EVALUATION_VERSION}
+    request_key = pipeline.digest({"evaluate": cfg.evaluate.model_dump(),
+                                   "version": pipeline.EVALUATION_VERSION, "ablations": 1})
     cache_path = stage.path / "ablation_metrics.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    request_key = pipeline.digest(request)
     if request_key in cache:
         return cache[request_key]
     p = pipeline.predict_stage(stage, experiment, cfg.evaluate, main=True)
@@ -235,21 +238,7 @@ def model_metrics(cfg: pipeline.PipelineConfig, stage: pipeline.StageOutput,
     test, val = p.outputs["test"], p.outputs["validation"]
     mask, val_mask = test["batch/candidate_mask"] > 0, val["batch/candidate_mask"] > 0
     out: dict[str, float] = {}
-    for name in names:
-        if name in ("ndcg_at_10", "poor_match_rate_at_10", "kappa", "combined_score"):
-            continue  # below: they share the relevance scores
-        if m := re.fullmatch(r"auroc_(\w+)", name):
-            i = action_names.index(m[1])
-            out[name] = evaluate.auroc(p.actions("test")[..., i], test["batch/actions"][..., i],
-                                       (test["batch/action_mask"][..., i] > 0) & mask)
-        elif m := re.fullmatch(r"rate_gap_([a-z]+)(?:_given_([a-z]+))?", name):
-            i = action_names.index(m[1])
-            valid = (test["batch/action_mask"][..., i] > 0) & mask
-            if m[2]:
-                valid &= test["batch/actions"][..., action_names.index(m[2])] > 0.5
-            out[name] = float(abs(p.actions("test")[..., i][valid].mean()
-                                  - test["batch/actions"][..., i][valid].mean()))
-    if any(n in names for n in ("ndcg_at_10", "poor_match_rate_at_10", "kappa", "combined_score")):
+    if p.p_yes("test") is not None:
         p_yes, grades = p.p_yes("test"), test["batch/grade"]
         out["ndcg_at_10"] = evaluate.ndcg_at_k(p_yes, grades, mask, cfg.evaluate.k)
         out["poor_match_rate_at_10"] = evaluate.poor_match_rate_at_k(
@@ -260,36 +249,57 @@ def model_metrics(cfg: pipeline.PipelineConfig, stage: pipeline.StageOutput,
         out["kappa"] = evaluate.kappa_by_dimension(
             evaluate.scores_to_grades(p.p_yes("golden"), thresholds), golden["batch/grade"],
             mask=golden["batch/candidate_mask"] > 0)["overall"]
-    if any(n.startswith("ece_") for n in names):
-        def heads(split, outputs):
-            scores, labels = {}, {}
-            if p.p_yes(split) is not None:
-                scores["relevance"] = p.p_yes(split)
-                labels["relevance"] = (outputs["batch/grade"] >= 3).astype(np.float64)
-            if p.actions(split) is not None:
-                for i, action in enumerate(action_names):
-                    scores[action] = p.actions(split)[..., i]
-                    labels[action] = outputs["batch/actions"][..., i]
-            return scores, labels
+    probs = p.actions("test")
+    if probs is not None:
+        labels = test["batch/actions"]
+        for i, action in enumerate(action_names):
+            valid = (test["batch/action_mask"][..., i] > 0) & mask
+            out[f"auroc_{action}"] = evaluate.auroc(probs[..., i], labels[..., i], valid)
+            out[f"rate_gap_{action}"] = abs(probs[..., i][valid].mean()
+                                            - labels[..., i][valid].mean())
+            for j, given in enumerate(action_names):
+                where = valid & (labels[..., j] > 0.5)
+                if j != i and where.any():
+                    out[f"rate_gap_{action}_given_{given}"] = abs(
+                        probs[..., i][where].mean() - labels[..., i][where].mean())
 
-        scores, labels = heads("validation", val)
-        position_aware = tuple(action_names) if calibration == "position_aware" else ()
+    def heads(split, outputs):
+        scores, targets = {}, {}
+        if p.p_yes(split) is not None:
+            scores["relevance"] = p.p_yes(split)
+            targets["relevance"] = (outputs["batch/grade"] >= 3).astype(np.float64)
+        if p.actions(split) is not None:
+            for i, action in enumerate(action_names):
+                scores[action] = p.actions(split)[..., i]
+                targets[action] = outputs["batch/actions"][..., i]
+        return scores, targets
+
+    ece = {}
+    for calibration in CALIBRATIONS:
+        scores, targets = heads("validation", val)
+        aware = tuple(a for a in action_names if a in scores) if calibration == "position_aware" \
+            else ()
         calibrators = calibration_lib.calibrate_heads(
-            scores, labels, mask=val_mask, positions=val["batch/position"],
-            position_aware=tuple(a for a in position_aware if a in scores))
-        scores, labels = heads("test", test)
+            scores, targets, mask=val_mask, positions=val["batch/position"], position_aware=aware)
+        scores, targets = heads("test", test)
         summary = calibration_lib.calibration_summary(
-            calibrators, scores, labels, mask=mask, positions=test["batch/position"])
-        out.update({f"ece_{h}": s["ece_after"] for h, s in summary.items()})
-    if "combined_score" in names and p.actions("test") is not None:
-        i = action_names.index("click")
-        out["auroc_click"] = evaluate.auroc(p.actions("test")[..., i],
-                                            test["batch/actions"][..., i],
-                                            (test["batch/action_mask"][..., i] > 0) & mask)
-    out = {k: float(v) for k, v in out.items()}
-    cache[request_key] = out
+            calibrators, scores, targets, mask=mask, positions=test["batch/position"])
+        ece[calibration] = {f"ece_{h}": float(s["ece_after"]) for h, s in summary.items()}
+    result = {"metrics": {k: float(v) for k, v in out.items()}, "ece": ece}
+    cache[request_key] = result
     cache_path.write_text(json.dumps(cache, indent=2))
-    return out
+    return result
+
+
+def select(measured: Mapping[str, Any], names: Sequence[str], calibration: str,
+           stage: str) -> dict[str, float]:
+    """The named metrics out of `model_metrics`' result (ece_* under `calibration`)."""
+    available = {**measured["metrics"], **measured["ece"][calibration]}
+    missing = [n for n in names if n not in available and n != "combined_score"]
+    if missing:
+        raise ValueError(f"stage {stage}: its model has no metric {missing} (its heads give "
+                         f"{sorted(available)})")
+    return {n: available[n] for n in names if n in available}
 
 
 # ------------------------------------------------------------------------------- table
@@ -437,14 +447,15 @@ def _run_one(run: Run, base_dir: Path, workdir: Path, preset: pipeline.PresetSpe
         stages[name] = pipeline.run_stage(run.cfg, name, base_dir, workdir, preset, labelled,
                                           policy_path, policy_hash, stages)
     measured = stages[run.measure]
-    values = model_metrics(run.cfg, measured, measured.experiment, run.metrics, run.calibration)
+    metrics = model_metrics(run.cfg, measured, measured.experiment)
+    values = select(metrics, run.metrics, run.calibration, run.measure)
     if "combined_score" in run.metrics:
         from jaxdistill import evaluate
 
-        references = {metric: model_metrics(run.cfg, stages[s], stages[s].experiment,
-                                             [metric])[metric]
+        references = {metric: select(model_metrics(run.cfg, stages[s], stages[s].experiment),
+                                     [metric], run.calibration, s)[metric]
                       for metric, s in REFERENCE_STAGES.items()}
-        values["combined_score"] = evaluate.relative_score(values, references)
+        values["combined_score"] = evaluate.relative_score(metrics["metrics"], references)
     values["stage_key"] = measured.key  # type: ignore[assignment]
     return values
 

@@ -195,3 +195,14 @@ def test_a_bad_override_exits_2_before_anything_trains(tiny, capsys):
 def test_seeds_without_ablations_is_refused(tiny_cfg, capsys):
     assert cli.main(["pipeline", str(tiny_cfg["path"]), "--preset", "tiny", "--seeds", "2"]) == 2
     assert "--seeds N is the number of seeds of --ablations" in capsys.readouterr().err
+
+
+def test_select_reads_ece_under_the_variants_calibration_and_names_what_is_missing():
+    measured = {"metrics": {"ndcg_at_10": 0.7, "auroc_click": 0.6},
+                "ece": {"position_aware": {"ece_click": 0.01}, "global": {"ece_click": 0.03}}}
+    assert ablations.select(measured, ["ece_click", "ndcg_at_10"], "global", "student") == {
+        "ece_click": 0.03, "ndcg_at_10": 0.7}
+    assert ablations.select(measured, ["ece_click"], "position_aware", "s")["ece_click"] == 0.01
+    with pytest.raises(ValueError, match=r"stage student_engagement_only: its model has no "
+                                         r"metric \['kappa'\]"):
+        ablations.select(measured, ["kappa"], "global", "student_engagement_only")
