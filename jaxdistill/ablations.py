@@ -175,15 +175,17 @@ def plan_runs(cfg: pipeline.PipelineConfig, spec: AblationsSpec, seeds: int) -> 
             for v_name, variant in study.variants.items():
                 measure = variant.measure or study.measure
                 vcfg = variant_pipeline(cfg, study, variant, seed)
-                extra = list(REFERENCE_STAGES.values()) if "combined_score" in study.metrics else []
+                extra = (list(REFERENCE_STAGES.values()) if "combined_score" in study.metrics
+                         else [])
                 runs.append(Run(s_name, v_name, seed, vcfg, measure,
                                 _closure(vcfg, [measure, *extra]), variant.calibration,
                                 list(study.metrics)))
     return runs
 
 
-def stage_keys(run: Run, base_dir: Path, preset: pipeline.PresetSpec, data: pipeline.StageOutput, policy_path: Path,
-               policy_hash: str, path: Path) -> dict[str, str]:
+def stage_keys(run: Run, base_dir: Path, preset: pipeline.PresetSpec,
+               data: pipeline.StageOutput, policy_path: Path, policy_hash: str,
+               path: Path) -> dict[str, str]:
     """The cache key of each stage a run needs, resolved without training anything (the
     data stage must exist: stage configs read its tokenizer). A bad override is reported with
     the ablation key that made it."""
