@@ -354,6 +354,14 @@ def cmd_pipeline(args) -> None:
         raise UserError("`jaxdistill pipeline` is not available yet (jaxdistill.pipeline is not "
                         "installed); run the stages with train / distill / eval / export") from None
     options = {k: v for k, v in (("preset", args.preset), ("workdir", args.workdir)) if v}
+    if args.ablations:
+        if chat:
+            raise UserError(f"{args.config}: --ablations runs the job-search pipeline's "
+                            "ablations: section; the chat pipeline has none")
+        module = importlib.import_module("jaxdistill.ablations")
+        options["seeds"] = args.seeds
+    elif args.seeds is not None:
+        raise UserError("--seeds N is the number of seeds of --ablations; pass --ablations")
     code = module.main(args.config, **options)
     if code:
         raise SystemExit(code)
@@ -447,6 +455,7 @@ Progress and library logging go to OUT.log (a file beside --out); the console sh
     "pipeline": """examples:
   jaxdistill pipeline configs/job_search/pipeline.yaml --preset laptop
   jaxdistill pipeline configs/job_search/pipeline.yaml --preset full --workdir runs/full
+  jaxdistill pipeline configs/job_search/pipeline.yaml --preset laptop --ablations --seeds 3
 
 Presets: laptop (CPU, about 9 minutes) and full (realistic sizes, for a GPU or TPU).""",
 }
@@ -640,6 +649,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="pipeline YAML")
     p.add_argument("--preset", help="size preset (default: the pipeline's own)")
     p.add_argument("--workdir", help="where stages write (default: the pipeline's own)")
+    p.add_argument("--ablations", action="store_true",
+                   help="run the pipeline file's ablations: section instead (each study's "
+                        "variants over --seeds seeds, sharing cached stages) and write "
+                        "ablations.md/.json (mean ± std per variant, baseline marked) in the "
+                        "workdir; exits 1 if any run failed")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="seeds per ablation variant (default: the section's, 3)")
     p.set_defaults(handler=cmd_pipeline)
 
     p = command("plan", "per-device memory of a config's fused step, and whether it fits",

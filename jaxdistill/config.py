@@ -283,6 +283,8 @@ class Experiment(_Section):
         names = [t.name for t in self.objective]
         if len(set(names)) != len(names):
             raise ValueError(f"objective term names must be unique, got {names}")
+        object.__setattr__(self, "objective", tuple(
+            _resolve_given(i, t, self.data.action_names) for i, t in enumerate(self.objective)))
         if self.on_policy is not None:
             self._check_on_policy()
         return self
@@ -312,6 +314,18 @@ class Experiment(_Section):
                             "the student's samples; give them a run: or hf: source")
         if problems:
             raise ValueError("on_policy: " + "; ".join(problems))
+
+
+def _resolve_given(i: int, term: Term, action_names: Sequence[str]) -> Term:
+    """A term with its `given` action names turned into (column, precondition) indices."""
+    if not term.given:
+        return term
+    unknown = sorted({*term.given, *term.given.values()} - set(action_names))
+    if unknown:
+        raise ValueError(f"objective[{i}] ({term.name!r}) given: {unknown} are not in "
+                         f"data.action_names {list(action_names)}")
+    columns = tuple((action_names.index(a), action_names.index(p)) for a, p in term.given.items())
+    return term.model_copy(update={"given_columns": columns})
 
 
 # ----------------------------------------------------------------------------- loading

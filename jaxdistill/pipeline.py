@@ -52,6 +52,8 @@ class StageSpec(_Strict):
     config: str
     teachers: dict[str, str] = Field(default_factory=dict, description="teacher name -> stage")
     warm_start: str | None = Field(default=None, description="stage whose model seeds this one")
+    set: list[str] = Field(default_factory=list, description="this stage's own KEY=VALUE "
+                           "overrides, applied after the preset's (ablation variants use them)")
 
 
 class PresetSpec(_Strict):
@@ -84,6 +86,9 @@ class PipelineConfig(_Strict):
     stages: dict[str, StageSpec]
     presets: dict[str, PresetSpec]
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    # Read by `--ablations` only (jaxdistill.ablations validates it), so a pipeline run
+    # never depends on it.
+    ablations: dict[str, Any] = Field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -196,6 +201,7 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
     yes_id, no_id = yes_no_token_ids(tokenizer)
     overrides = list(preset.set)
     overrides += preset.student_set if stage.teachers else preset.teacher_set
+    overrides += stage.set
     overrides += [
         f"data.path={data.key if for_key else data.path / 'records'}",
         f"data.tokenizer={data.key if for_key else data.path / 'tokenizer'}",
@@ -271,6 +277,13 @@ def run_stage(cfg: PipelineConfig, name: str, base_dir: Path, workdir: Path, pre
     return train_stage(name, keyed, experiment, workdir, policy_hash, data)
 
 
+def stage_key(keyed: config_lib.Experiment, policy_hash: str, data_key: str) -> str:
+    """A stage's cache key: its config as keyed, the policy's hash and the data's key."""
+    payload = keyed.model_dump(mode="json")
+    payload.pop("policy")  # a path; its content is in the key through policy_hash
+    return digest({"experiment": payload, "policy": policy_hash, "data": data_key})
+
+
 def train_stage(name: str, keyed: config_lib.Experiment, experiment: config_lib.Experiment,
                 workdir: Path, policy_hash: str, data: StageOutput) -> StageOutput:
     """Trains a stage's experiment in `workdir/name/<key>`, or reuses it while its key (the
@@ -278,9 +291,7 @@ def train_stage(name: str, keyed: config_lib.Experiment, experiment: config_lib.
     unchanged. A stage stopped half-way resumes from its checkpoint on the next run."""
     from jaxdistill import train
 
-    payload = keyed.model_dump(mode="json")
-    payload.pop("policy")  # a path; its content is in the key through policy_hash
-    key = digest({"experiment": payload, "policy": policy_hash, "data": data.key})
+    key = stage_key(keyed, policy_hash, data.key)
     out = workdir / name / key
     if _done(out):
         return StageOutput(name, key, out, cached=True, seconds=0.0, experiment=experiment)

@@ -15,12 +15,12 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from jaxdistill.distill import losses
 
 Transform = Literal["log_odds", "yes_prob"]
-LabelTransform = Literal["grades_to_yes_no", "float"]
+LabelTransform = Literal["grades_to_yes_no", "grades_argmax_to_yes_no", "float"]
 
 
 class WeightSchedule(BaseModel):
@@ -76,6 +76,17 @@ class Term(BaseModel):
         default=None,
         description="cross-vocabulary losses: batch key of the teacher's own response mask",
     )
+    given: dict[str, str] = Field(
+        default_factory=dict,
+        description="rare-action masking: {action: precondition}, e.g. {apply: click}: the "
+        "action's column counts only where the precondition's label is 1 (an apply can only "
+        "follow a click), so its head learns P(action | precondition)",
+    )
+    given_label: str = Field(default="actions", description="batch key of the [..., K] 0/1 "
+                             "labels `given` reads (columns in data.action_names' order)")
+    given_columns: tuple[tuple[int, int], ...] = Field(
+        default=(), description="(column, precondition column) pairs; the config fills them "
+        "from `given` and data.action_names")
 
     @model_validator(mode="after")
     def _check(self):
@@ -104,10 +115,23 @@ class Term(BaseModel):
         if self.route is not None and loss.level != "token":
             raise ValueError(f"term {self.name!r}: 'route' selects examples of a token-level "
                              f"loss; loss {self.loss!r} is {loss.level}-level (use 'mask')")
+        if self.given and loss.level != "row":
+            raise ValueError(f"term {self.name!r}: 'given' masks columns of per-entry losses; "
+                             f"loss {self.loss!r} is {loss.level}-level")
         if self.teacher_mask is not None and not loss.cross_vocab:
             raise ValueError(f"term {self.name!r}: 'teacher_mask' is for cross-vocabulary "
                              f"losses; loss {self.loss!r} compares the same tokens")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_masking(self, handler):
+        # A term without `given` dumps as it did before the option existed, so the pipeline's
+        # stage keys (hashes of the dumped config) of existing configs do not change.
+        data = handler(self)
+        if not self.given and isinstance(data, dict):
+            for key in ("given", "given_label", "given_columns"):
+                data.pop(key, None)
+        return data
 
     @property
     def source_output(self) -> str:
@@ -134,13 +158,17 @@ def label_view(label: jax.Array, transform: LabelTransform | None) -> jax.Array:
 
     grades_to_yes_no: a distribution over policy grades [..., G] -> (No, Yes) log-probabilities
     [..., 2] with p(Yes) = expected grade / (G - 1), the target a two-token relevance head is
-    trained on from the judge's soft labels. float: integer grades as float scores (listwise).
+    trained on from the judge's soft labels. grades_argmax_to_yes_no: the same from the
+    distribution's most likely grade only (one-hot: the ordinal hard label, ablating the soft
+    one). float: integer grades as float scores (listwise).
     """
     if transform is None:
         return label
     if transform == "float":
         return label.astype(jnp.float32)
     grades = label.shape[-1]
+    if transform == "grades_argmax_to_yes_no":
+        label = jax.nn.one_hot(jnp.argmax(label, axis=-1), grades, dtype=jnp.float32)
     values = jnp.arange(grades, dtype=jnp.float32) / (grades - 1)
     p_yes = jnp.clip(jnp.sum(label.astype(jnp.float32) * values, axis=-1), 1e-6, 1 - 1e-6)
     return jnp.log(jnp.stack([1.0 - p_yes, p_yes], axis=-1))
@@ -163,6 +191,21 @@ def confidence_weights(teacher_logits: jax.Array, labels: jax.Array, mask: jax.A
     valid = valid.astype(jnp.float32)
     mean = jnp.sum(agreement * valid) / jnp.maximum(jnp.sum(valid), 1.0)
     return jax.lax.stop_gradient(agreement * valid / jnp.maximum(mean, 1e-6))
+
+
+def given_mask(mask: jax.Array | None, labels_xK: jax.Array,
+               given_columns: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> jax.Array:
+    """A per-entry [..., K] mask where column c counts only where label column p is 1.
+
+    `mask` may be per entry ([..., K]) or per row ([...], e.g. candidate_mask); None = all."""
+    mask_xK = (jnp.ones(shape, jnp.float32) if mask is None
+               else jnp.asarray(mask, jnp.float32))
+    if mask_xK.shape != tuple(shape):
+        mask_xK = jnp.broadcast_to(mask_xK[..., None], shape)
+    keep_K = [jnp.ones(shape[:-1], jnp.float32)] * shape[-1]
+    for column, precondition in given_columns:
+        keep_K[column] = (jnp.asarray(labels_xK)[..., precondition] > 0.5).astype(jnp.float32)
+    return mask_xK * jnp.stack(keep_K, axis=-1)
 
 
 def _lookup(batch: Mapping[str, Any], key: str, term: str):
@@ -251,6 +294,9 @@ def compute_objective(
             )
         student = student_outputs[term.student]
         mask = None if term.mask is None else _lookup(batch, term.mask, term.name)
+        if term.given_columns:
+            mask = given_mask(mask, _lookup(batch, term.given_label, term.name),
+                              term.given_columns, jnp.shape(student))
         if term.teacher is not None:
             target = jax.lax.stop_gradient(teacher_output(teacher_outputs, batch, term))
             if term.confidence_label is not None:

@@ -357,3 +357,67 @@ def test_confidence_label_weights_the_term():
             a["s_act_BxK"], a["t_act_BxK"]))
     np.testing.assert_allclose(m["loss/e"], (w_BxK * per_entry_BxK).sum() / shown_BxK.sum(),
                                rtol=1e-5)
+
+
+# ------------------------------------------------------------ rare-action masking, hard grades
+
+
+def _bce(logits, targets):
+    p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    return -(targets * np.log(p) + (1 - targets) * np.log(1 - p))
+
+
+def test_given_counts_an_action_only_where_its_precondition_happened():
+    # apply (column 0) only where click (column 1) is 1; click and dismiss everywhere valid.
+    rng = np.random.default_rng(3)
+    logits_BxNxK = rng.normal(size=(2, 4, K)).astype(np.float32)
+    labels_BxNxK = (rng.random((2, 4, K)) > 0.5).astype(np.float32)
+    action_mask_BxNxK = np.ones((2, 4, K), np.float32)
+    action_mask_BxNxK[1, 3] = 0  # a padded candidate
+    term = Term(name="actions", loss="bce", student="actions", label="actions",
+                mask="action_mask", given_columns=((0, 1),))
+    batch = {"actions": jnp.asarray(labels_BxNxK), "action_mask": jnp.asarray(action_mask_BxNxK)}
+    total, _ = compute_objective((term,), {"actions": jnp.asarray(logits_BxNxK)}, {}, batch,
+                                 jnp.asarray(0))
+    keep_BxNxK = action_mask_BxNxK.copy()
+    keep_BxNxK[..., 0] *= labels_BxNxK[..., 1]
+    expected = (_bce(logits_BxNxK, labels_BxNxK) * keep_BxNxK).sum() / keep_BxNxK.sum()
+    np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+    # A per-row mask (candidate_mask [B, N]) is broadcast over the actions first.
+    row_mask = jnp.asarray(action_mask_BxNxK[..., 0])
+    from jaxdistill.distill.objectives import given_mask
+    np.testing.assert_array_equal(
+        np.asarray(given_mask(row_mask, batch["actions"], ((0, 1),), (2, 4, K))), keep_BxNxK)
+
+
+def test_given_names_resolve_against_the_action_names(tmp_path):
+    from jaxdistill import config as config_lib
+
+    raw = {"name": "e", "model": {"backbone": {"type": "decoder", "family": "qwen3",
+                                               "vocab_size": 64, "hidden": 16, "layers": 1,
+                                               "heads": 2, "kv_heads": 1, "head_dim": 8,
+                                               "mlp": 32},
+                                  "heads": {"actions": {"type": "actions",
+                                                        "names": ["apply", "click", "dismiss"],
+                                                        "features": 0}}},
+           "data": {"path": "x", "tokenizer": "x", "kind": "listwise",
+                    "action_names": ["apply", "click", "dismiss"]},
+           "objective": [{"name": "a", "loss": "bce", "student": "actions", "label": "actions",
+                          "given": {"dismiss": "apply"}}]}
+    assert config_lib.validate(raw, source="e.yaml").objective[0].given_columns == ((2, 0),)
+    raw["objective"][0]["given"] = {"apply": "view"}
+    with pytest.raises(config_lib.ConfigError, match=r"\['view'\] are not in data.action_names"):
+        config_lib.validate(raw, source="e.yaml")
+    with pytest.raises(ValidationError, match="per-entry losses"):
+        Term(name="l", loss="listnet", student="r", label="grade", given={"apply": "click"})
+
+
+def test_grades_argmax_to_yes_no_is_the_one_hot_grade_target():
+    from jaxdistill.distill.objectives import label_view
+
+    probs_Bx5 = jnp.asarray([[0.1, 0.2, 0.3, 0.35, 0.05], [0.6, 0.1, 0.1, 0.1, 0.1]])
+    hard = np.exp(np.asarray(label_view(probs_Bx5, "grades_argmax_to_yes_no")))
+    np.testing.assert_allclose(hard[:, 1], [3 / 4, 1e-6], rtol=1e-5)  # p(Yes) = grade / 4
+    np.testing.assert_allclose(hard.sum(-1), 1.0, rtol=1e-6)
+    soft = np.exp(np.asarray(label_view(probs_Bx5, "grades_to_yes_no")))
+    np.testing.assert_allclose(soft[0, 1], (0.2 + 0.6 + 1.05 + 0.2) / 4, rtol=1e-5)
