@@ -10,9 +10,10 @@ $(BIN)/jaxdistill: pyproject.toml
 
 .PHONY: test pipeline
 # One pytest worker per core (pytest-xdist): most of the suite's time is XLA compiling, one
-# thread per compilation, so a second worker uses the second core.
+# thread per compilation, so a second worker uses the second core. `worksteal`: an idle worker
+# takes pending tests from a busy one, so a few minute-long tests do not end the run alone.
 test: $(BIN)/jaxdistill
-	$(BIN)/python -m pytest -q -n auto tests
+	$(BIN)/python -m pytest -q -n auto --dist worksteal tests
 
 pipeline: $(BIN)/jaxdistill
 	$(BIN)/jaxdistill pipeline configs/job_search/pipeline.yaml --preset laptop
