@@ -251,13 +251,7 @@ def write_dataset(
             os.rename(stage / TOKENS_DIR, staged / TOKENS_DIR)
         if kept:
             _merge_splits(out_dir, staged, kept)
-        if out_dir.exists():  # move the old dataset aside first, then swap in
-            trash = stage.with_name(stage.name + "-old")
-            os.rename(out_dir, trash)
-            os.rename(staged, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staged, out_dir)
+        _swap_in(staged, out_dir, stage.with_name(stage.name + "-old"))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out_dir
@@ -316,18 +310,23 @@ def join_datasets(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike
         (stage / "metadata.json").write_text(json.dumps(meta))
         meta["content_sha256"] = {s: content_hash(open_source(stage, s)) for s in splits[0]}
         (stage / "metadata.json").write_text(json.dumps(meta))
-        if out_dir.exists():
-            trash = stage.with_name(stage.name + "-old")
-            os.rename(out_dir, trash)
-            os.rename(stage, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(stage, out_dir)
+        _swap_in(stage, out_dir, stage.with_name(stage.name + "-old"))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     for part in parts:
         shutil.rmtree(part, ignore_errors=True)
     return out_dir
+
+
+def _swap_in(staged: Path, out_dir: Path, trash: Path) -> None:
+    """`staged` becomes `out_dir`: an old `out_dir` is moved aside to `trash` first (so a
+    crash leaves one whole dataset), then removed."""
+    if out_dir.exists():
+        os.rename(out_dir, trash)
+        os.rename(staged, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(staged, out_dir)
 
 
 def _existing_info(out_dir: Path) -> dict[str, Any]:
