@@ -42,6 +42,16 @@ def tiny_pipeline(tmp_path: Path) -> Path:
     return configs / "pipeline.yaml"
 
 
+def prepared_tiny_pipeline(tmp_path: Path):
+    """(cfg, base_dir, tiny preset, policy path, its data stage) of `tiny_pipeline`."""
+    cfg, base_dir = pipeline.load_pipeline(tiny_pipeline(tmp_path))
+    preset = cfg.presets["tiny"]
+    policy_path = Path(cfg.policy).resolve()
+    policy_hash = judge_lib.load_policy(policy_path).content_hash
+    data = pipeline.prepare_data(cfg, preset, tmp_path / "runs", policy_path, policy_hash)
+    return cfg, base_dir, preset, policy_path, data
+
+
 def _row(summary, model):
     return next(row for row in summary["models"] if row["model"] == model)
 
@@ -141,12 +151,7 @@ def test_unknown_preset_and_stage_errors_name_the_file(tmp_path):
 
 
 def test_teachers_warm_start_from_the_judge_unless_the_oracle_labels(tmp_path):
-    path = tiny_pipeline(tmp_path)
-    cfg, base_dir = pipeline.load_pipeline(path)
-    preset = cfg.presets["tiny"]
-    policy_path = Path(cfg.policy).resolve()
-    policy_hash = judge_lib.load_policy(policy_path).content_hash
-    data = pipeline.prepare_data(cfg, preset, tmp_path / "runs", policy_path, policy_hash)
+    cfg, base_dir, preset, policy_path, data = prepared_tiny_pipeline(tmp_path)
     judge_run = pipeline.StageOutput("judge", "judgekey", tmp_path / "judge_run", False, 0.0)
 
     def experiment(upstream, for_key=False):
@@ -165,12 +170,7 @@ def test_action_heads_start_from_the_logged_position_rates(tmp_path):
     logged position of the train split (counted as the position-only baseline counts)."""
     from jaxdistill import evaluate
 
-    path = tiny_pipeline(tmp_path)
-    cfg, base_dir = pipeline.load_pipeline(path)
-    preset = cfg.presets["tiny"]
-    policy_path = Path(cfg.policy).resolve()
-    policy_hash = judge_lib.load_policy(policy_path).content_hash
-    data = pipeline.prepare_data(cfg, preset, tmp_path / "runs", policy_path, policy_hash)
+    cfg, base_dir, preset, policy_path, data = prepared_tiny_pipeline(tmp_path)
     head = pipeline.stage_experiment(cfg, "engagement_teacher", base_dir, preset, data,
                                      policy_path, {}, for_key=False).model.heads["actions"]
     records = pipeline._read_split(data.path / "records", "train")
