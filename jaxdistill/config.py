@@ -167,6 +167,10 @@ class DataSection(_Section):
     max_len: int = Field(default=128, ge=2)
     batch_size: int = Field(default=32, ge=1)
     list_size: int | None = Field(default=None, ge=1)
+    candidates: Literal["first", "sample"] = Field(
+        default="first",
+        description="listwise training reads of longer lists: the first list_size candidates "
+                    "(logged order) or list_size drawn at random, a new draw each epoch")
     action_names: tuple[str, ...] = ()
     member_features_dim: int | None = Field(default=None, ge=0)
     pack: bool = False

@@ -34,6 +34,7 @@ def split_batches(cfg, split: str, *, train: bool, drop_remainder: bool | None =
 
     train: shuffled (when data.shuffle), repeated forever, with data.worker_count workers;
     otherwise one ordered pass keeping the short last batch unless `drop_remainder`.
+    Training reads of listwise data with `data.candidates: sample` draw their candidates.
     `token_specs`: {key: tokenizer spec} of the other tokenizers to tokenise with. `records`:
     score these records instead of the dataset's split (`predict` on a JSONL file).
     `shard`: each process reads its own part (False: this process reads everything).
@@ -57,6 +58,7 @@ def split_batches(cfg, split: str, *, train: bool, drop_remainder: bool | None =
         source, tokenizer=tokenizer(data.tokenizer), kind=data.kind, max_len=data.max_len,
         batch_size=batch_size // processes, seed=cfg.seed, shuffle=data.shuffle and train,
         num_epochs=None if train else 1, list_size=list_size or data.list_size,
+        sample_candidates=train and data.candidates == "sample",
         action_names=action_order(cfg.model.heads, data.action_names),
         member_features_dim=data.member_features_dim,
         pack=data.pack, worker_count=data.worker_count if train else 0, prefetch=data.prefetch,

@@ -32,7 +32,8 @@ PRIMARY = ""  # tokenizer key of the top-level inputs (extra tokenizers have non
 class _IndexedSource:
     """Pairs each record with its index in the split (errors and `record_index` name it),
     with its stored token ids, {tokenizer key: bytes}, for the tokenizers that have them, and
-    with its cached top-k teachers, {(teacher, head): bytes} (`topk_store`)."""
+    with its cached top-k teachers, {(teacher, head): bytes} (`topk_store`), and with the
+    candidates to read (None: the first list_size; `SampleCandidates` draws them)."""
 
     def __init__(self, source: Sequence[Mapping[str, Any]],
                  stored: Mapping[str, Sequence[bytes]],
@@ -42,10 +43,32 @@ class _IndexedSource:
     def __len__(self) -> int:
         return len(self._source)
 
-    def __getitem__(self, index: int) -> tuple[int, Any, dict[str, bytes], dict]:
+    def __getitem__(self, index: int) -> tuple[int, Any, dict[str, bytes], dict, None]:
         index = int(index)
         return (index, self._source[index], {k: v[index] for k, v in self._stored.items()},
-                {k: v[index] for k, v in self._topk.items()})
+                {k: v[index] for k, v in self._topk.items()}, None)
+
+
+class SampleCandidates(grain.transforms.RandomMap):
+    """Chooses `list_size` of a longer list's candidates at random, kept in list order.
+
+    grain seeds the draw from the pipeline seed and the element's place in the (shuffled,
+    repeated) stream, so each epoch draws anew and a restored iterator draws the same. A
+    list of many candidates then trains as many short lists: a batch of B lists of N
+    candidates mixes B queries, where cutting to the first N would never show the low-ranked
+    candidates, and a longer N puts fewer queries in a batch of the same size.
+    """
+
+    def __init__(self, list_size: int):
+        self.list_size = list_size
+
+    def random_map(self, element, rng: np.random.Generator):
+        index, record, stored, topk, _ = element
+        candidates = record.get("candidates") if isinstance(record, Mapping) else None
+        if not isinstance(candidates, list) or len(candidates) <= self.list_size:
+            return element
+        choice = np.sort(rng.choice(len(candidates), self.list_size, replace=False)).tolist()
+        return index, record, stored, topk, choice
 
 
 class _Malformed:
@@ -86,7 +109,7 @@ class EncodeRecords(grain.transforms.Map):
         self.same_as = {key: (same_as or {}).get(key, key) for key in self.tokenizers}
 
     def map(self, element: tuple[int, Any, Mapping[str, bytes], Mapping]):
-        index, record, stored, topk = element
+        index, record, stored, topk, choice = element
         try:
             validate_record(self.kind, record, source=self.source_name, index=index)
             if (self.kind not in ("chat", "text")
@@ -95,16 +118,26 @@ class EncodeRecords(grain.transforms.Map):
                                   f"{self.member_features_dim} floats (member_features_dim, "
                                   "or the first record's width when unset)", f"{len(record['member_features'])} floats")
             if self.offline_shapes:
-                self._check_offline(record, index)
+                self._check_offline(record, index, whole=choice is not None)
         except RecordError as error:
             if self.skip_malformed:
                 return _Malformed(str(error))
             raise
         limit = self.list_size if self.kind == "listwise" else None
-        encoded = {key: (tokens.unpack_rows(stored[key], limit) if key in stored else
-                         tokens.encode_rows(self.kind, record, self.tokenizers[key], self.max_len,
-                                            limit=limit, where=f"{self.source_name}: record {index}"))
-                   for key in set(self.same_as.values())}
+        if choice is not None:  # validated whole; reads the chosen candidates
+            record = {**record, "candidates": [{"position": i, **record["candidates"][i]}
+                                               for i in choice]}
+
+        def rows_of(key: str) -> list[tokens.Row]:
+            if key not in stored:
+                return tokens.encode_rows(self.kind, record, self.tokenizers[key], self.max_len,
+                                          limit=limit, where=f"{self.source_name}: record {index}")
+            if choice is None:
+                return tokens.unpack_rows(stored[key], limit)
+            rows = tokens.unpack_rows(stored[key])
+            return [rows[i] for i in choice]
+
+        encoded = {key: rows_of(key) for key in set(self.same_as.values())}
         rows = {key: encoded[self.same_as[key]] for key in self.tokenizers}
         if self.kind == "chat":
             out = {**self._chat_inputs(rows[PRIMARY], self.tokenizers[PRIMARY].pad_token_id)}
@@ -122,8 +155,9 @@ class EncodeRecords(grain.transforms.Map):
             out["record_index"] = np.int32(index)
         return out
 
-    def _check_offline(self, record: Mapping[str, Any], index: int) -> None:
-        items = (record["candidates"][: self.list_size] if self.kind == "listwise" else [record])
+    def _check_offline(self, record: Mapping[str, Any], index: int, whole: bool) -> None:
+        items = (record["candidates"][: None if whole else self.list_size]
+                 if self.kind == "listwise" else [record])
         prefix = "candidates[{i}]." if self.kind == "listwise" else ""
         for i, item in enumerate(items):
             offline = item.get("offline", {})
@@ -312,6 +346,7 @@ def make_dataset(
     drop_remainder: bool = True,
     skip_malformed: bool = False,
     offline_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
+    sample_candidates: bool = False,
 ) -> grain.IterDataset:
     """Builds the batch pipeline over a record source (e.g. `sources.open_source(...)`).
 
@@ -342,7 +377,9 @@ def make_dataset(
       `actions`, `action_mask` float32 [B, K] (mask 0 where the record lacks that action).
     - listwise: the candidate fields gain an axis: [B, N, T], [B, N], [B, N, 5], [B, N, K];
       `candidate_mask` float32 [B, N]; `member_features` [B, F]. Lists are cut to their first
-      N candidates or padded; a candidate without a position gets its index in the list.
+      N candidates (`sample_candidates`: N drawn at random, in list order, anew each epoch;
+      `SampleCandidates`) or padded; a candidate without a position gets its index in the
+      list.
     - text: `input_ids`, `attention_mask`, `token_type_ids` (0 = text, 1 = text_pair) int32
       [B, T]; per label name L of the dataset (`label_types`, {L: "int" | "float"}, default:
       the dataset's metadata, or a scan of an in-memory source): `label/L` [B], int32 for an
@@ -420,6 +457,8 @@ def make_dataset(
         dataset = dataset.shuffle(seed=seed)
     if num_epochs != 1:
         dataset = dataset.repeat(num_epochs)
+    if sample_candidates and kind == "listwise":
+        dataset = dataset.random_map(SampleCandidates(list_size), seed=seed)
     dataset = dataset.map(EncodeRecords(
         kind=kind, tokenizers=tokenizers, source_name=source_name, max_len=max_len,
         member_features_dim=member_features_dim, action_names=action_names,

@@ -86,6 +86,50 @@ def test_listwise_pads_and_truncates_lists(tokenizer):
     np.testing.assert_array_equal(batch["actions"][:, 0], [[0, 1], [0, 1]])
 
 
+def test_sampled_candidates_are_drawn_anew_each_epoch_and_resume(tokenizer):
+    # Lists of 6 (position j, grade j % 5 in member_features' place: documents name j) read
+    # as lists of 3: a sorted random draw per read, different across epochs, the same for a
+    # seed and after a restore; a list no longer than 3 is read whole.
+    records = [{"query": f"nurse {i}", "member": "", "member_features": [float(i)],
+                "candidates": [{"document": f"job {j}", "grade": j % 5, "position": j}
+                               for j in range(6 if i else 2)]} for i in range(4)]
+    def draws(seed, epochs=3):
+        dataset = make(records, tokenizer, kind="listwise", list_size=3, batch_size=1,
+                       seed=seed, num_epochs=epochs, sample_candidates=True)
+        return [(int(b["member_features"][0, 0]), tuple(int(p) for p, m in
+                 zip(b["position"][0], b["candidate_mask"][0]) if m)) for b in dataset]
+    seen = draws(seed=7)
+    assert seen == draws(seed=7) and seen != draws(seed=8)
+    for record, chosen in seen:
+        if record == 0:
+            assert chosen == (0, 1)
+        else:
+            assert len(chosen) == 3 and list(chosen) == sorted(chosen)
+    by_record = {}
+    for record, chosen in seen:
+        by_record.setdefault(record, set()).add(chosen)
+    assert any(len(choices) > 1 for choices in by_record.values())  # anew each epoch
+    # Grades and token ids follow the chosen candidates.
+    batch = next(iter(make(records[1:], tokenizer, kind="listwise", list_size=3, batch_size=1,
+                           shuffle=False, sample_candidates=True)))
+    chosen = batch["position"][0]
+    np.testing.assert_array_equal(batch["grade"][0], chosen % 5)
+    ids = [tokenizer("nurse 1", f"job {j}")["input_ids"] for j in chosen]
+    for row, expected in zip(batch["input_ids"][0], ids):
+        np.testing.assert_array_equal(row[: len(expected)], expected)
+    dataset = make(records, tokenizer, kind="listwise", list_size=3, batch_size=1, seed=7,
+                   num_epochs=None, sample_candidates=True)
+    reference = iter(dataset)
+    expected = [next(reference)["position"] for _ in range(9)]
+    partial = iter(dataset)
+    for _ in range(5):
+        next(partial)
+    resumed = iter(dataset)
+    pipeline.restore_iterator(resumed, pipeline.iterator_state(partial))
+    for want in expected[5:]:
+        np.testing.assert_array_equal(next(resumed)["position"], want)
+
+
 def grades_in_order(dataset):
     return [int(g) for batch in dataset for g in batch["member_features"][:, 0]]
 

@@ -85,6 +85,12 @@ def test_listwise_and_kept_splits(tokenizer, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         no_live_tokenising(patch)
         assert_same(live, batches(sources.open_source(out), tokenizer, list_size=2))
+    # Sampled candidates read the chosen stored rows, as tokenising them live does.
+    live = batches(LISTWISE, tokenizer, kind="listwise", list_size=2, sample_candidates=True)
+    with monkeypatch.context() as patch:
+        no_live_tokenising(patch)
+        assert_same(live, batches(sources.open_source(out), tokenizer, list_size=2,
+                                  sample_candidates=True))
     # Rewriting train without a tokenizer drops train's stored ids, keeps validation's.
     sources.write_dataset(LISTWISE[2:], "listwise", out, overwrite=True)
     assert sources.open_source(out, "train").stored_tokens(tokenizer, 12) is None
