@@ -107,22 +107,21 @@ class EncodeRecords(grain.transforms.Map):
         self.label_types = dict(label_types or {})
         # Keys whose tokenizers give the same ids share one tokenisation.
         self.same_as = {key: (same_as or {}).get(key, key) for key in self.tokenizers}
+        # Indices of records that passed validation: a source's records do not change, so
+        # each is checked once per process, not on every epoch's read (a sampled list's
+        # whole record is checked, which read anew costs more than reading its sample).
+        self._valid: set[int] = set()
 
     def map(self, element: tuple[int, Any, Mapping[str, bytes], Mapping]):
         index, record, stored, topk, choice = element
-        try:
-            validate_record(self.kind, record, source=self.source_name, index=index)
-            if (self.kind not in ("chat", "text")
-                    and len(record["member_features"]) != self.member_features_dim):
-                raise RecordError(self.source_name, index, "member_features",
-                                  f"{self.member_features_dim} floats (member_features_dim, "
-                                  "or the first record's width when unset)", f"{len(record['member_features'])} floats")
-            if self.offline_shapes:
-                self._check_offline(record, index, whole=choice is not None)
-        except RecordError as error:
-            if self.skip_malformed:
-                return _Malformed(str(error))
-            raise
+        if index not in self._valid:
+            try:
+                self._validate(record, index)
+            except RecordError as error:
+                if self.skip_malformed:
+                    return _Malformed(str(error))
+                raise
+            self._valid.add(index)
         limit = self.list_size if self.kind == "listwise" else None
         if choice is not None:  # validated whole; reads the chosen candidates
             record = {**record, "candidates": [{"position": i, **record["candidates"][i]}
@@ -155,9 +154,20 @@ class EncodeRecords(grain.transforms.Map):
             out["record_index"] = np.int32(index)
         return out
 
-    def _check_offline(self, record: Mapping[str, Any], index: int, whole: bool) -> None:
-        items = (record["candidates"][: None if whole else self.list_size]
-                 if self.kind == "listwise" else [record])
+    def _validate(self, record: Any, index: int) -> None:
+        validate_record(self.kind, record, source=self.source_name, index=index)
+        if (self.kind not in ("chat", "text")
+                and len(record["member_features"]) != self.member_features_dim):
+            raise RecordError(self.source_name, index, "member_features",
+                              f"{self.member_features_dim} floats (member_features_dim, "
+                              "or the first record's width when unset)",
+                              f"{len(record['member_features'])} floats")
+        if self.offline_shapes:
+            self._check_offline(record, index)
+
+    def _check_offline(self, record: Mapping[str, Any], index: int) -> None:
+        # Every candidate: a sampled read may choose any of them.
+        items = record["candidates"] if self.kind == "listwise" else [record]
         prefix = "candidates[{i}]." if self.kind == "listwise" else ""
         for i, item in enumerate(items):
             offline = item.get("offline", {})
