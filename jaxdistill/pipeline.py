@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from jaxdistill import config as config_lib
 from jaxdistill import judge as judge_lib
 
-DATA_FORMAT_VERSION = 4  # bump when the workload's records or their encoding change
+DATA_FORMAT_VERSION = 5  # bump when the workload's records or their encoding change
 EVALUATION_VERSION = 3  # bump when evaluation changes what it measures
 EVAL_SPLITS = ("validation", "test", "golden")
 JUDGE = "judge"  # the judge's stage name
@@ -333,7 +333,10 @@ def run_judge(cfg: PipelineConfig, base_dir: Path, workdir: Path, preset: Preset
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    info = label_with_judge(judge, data.path / "records", out / "records")
+    from jaxdistill import logs
+
+    with logs.to_file(out / "log.txt", capture_output=True):  # tfds' prints and bars
+        info = label_with_judge(judge, data.path / "records", out / "records")
     shutil.copytree(data.path / "tokenizer", out / "tokenizer")
     seconds = time.time() - start
     _mark_done(out, {"key": judge.key, "seconds": seconds, "judge_info": info})
