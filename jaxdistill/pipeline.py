@@ -213,7 +213,10 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
     for head in raw.get("model", {}).get("heads", {}).values():
         if head.get("type") == "token_score":
             head["token_ids"] = [no_id, yes_id]
-        if head.get("type") == "actions" and "position_prior" in head:
+        if head.get("type") == "actions" and head.get("feature_prior") == []:
+            head["position_prior"], head["feature_prior"] = logged_action_fit(
+                data.path / "records", head["names"], head["position_buckets"])
+        elif head.get("type") == "actions" and head.get("position_prior") == []:
             head["position_prior"] = logged_position_rates(
                 data.path / "records", head["names"], head["position_buckets"])
     # An offline teacher is the labeller whose outputs the records carry (the judge's
@@ -258,6 +261,42 @@ def logged_position_rates(records_dir: Path, names: Sequence[str],
     it) on the train split: an action head's `position_prior`, the position-only baseline it
     starts from."""
     return _logged_position_rates(str(records_dir), tuple(names), buckets)
+
+
+@functools.lru_cache(maxsize=8)
+def _logged_action_fit(records_dir: str, names: tuple[str, ...],
+                       buckets: int) -> tuple[list[list[float]], list[list[float]]]:
+    from sklearn.linear_model import LogisticRegression
+
+    records = _read_split(Path(records_dir), "train")
+    rows = [(min(c["position"], buckets - 1), r["member_features"], c["actions"])
+            for r in records for c in r["candidates"]]
+    positions = np.array([p for p, _, _ in rows], np.int64)
+    features = np.array([f for _, f, _ in rows], np.float64).reshape(len(rows), -1)
+    x_NxI = np.concatenate([np.eye(buckets)[positions], features], axis=1)
+    rates, weights = [], []
+    for name in names:
+        known = np.array([name in actions for _, _, actions in rows])
+        labels = np.array([actions.get(name, 0) for _, _, actions in rows])[known]
+        fit = LogisticRegression(C=10.0, fit_intercept=False, max_iter=2000).fit(
+            x_NxI[known], labels)
+        logits_P = fit.coef_[0, :buckets]
+        # A bucket no logged candidate reached takes the nearest reached one's logit, as
+        # the counted rates do.
+        seen = np.flatnonzero(np.bincount(positions[known], minlength=buckets))
+        logits_P = logits_P[seen[np.abs(np.arange(buckets)[:, None] - seen).argmin(1)]]
+        rates.append(np.clip(1 / (1 + np.exp(-logits_P)), 1e-4, 1 - 1e-4).round(5).tolist())
+        weights.append(fit.coef_[0, buckets:].round(5).tolist())
+    return rates, weights
+
+
+def logged_action_fit(records_dir: Path, names: Sequence[str],
+                      buckets: int) -> tuple[list[list[float]], list[list[float]]]:
+    """A logistic fit of each action on the train split's logged position (one-hot, the last
+    bucket holding the positions past it) and member features: (`position_prior`, each
+    position's probability at zero features; `feature_prior`, the features' weights), an
+    action head's start as a personalised position model."""
+    return _logged_action_fit(str(records_dir), tuple(names), buckets)
 
 
 def _stage_spec(cfg: PipelineConfig, name: str) -> StageSpec:

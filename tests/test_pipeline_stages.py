@@ -171,8 +171,10 @@ def test_action_heads_start_from_the_logged_position_rates(tmp_path):
     from jaxdistill import evaluate
 
     cfg, base_dir, preset, policy_path, data = prepared_tiny_pipeline(tmp_path)
-    head = pipeline.stage_experiment(cfg, "engagement_teacher", base_dir, preset, data,
-                                     policy_path, {}, for_key=False).model.heads["actions"]
+    teachers = {name: pipeline.StageOutput(name, name, tmp_path / name, False, 0.0)
+                for name in ("relevance_teacher", "engagement_teacher")}
+    head = pipeline.stage_experiment(cfg, "student", base_dir, preset, data, policy_path,
+                                     teachers, for_key=False).model.heads["actions"]
     records = pipeline._read_split(data.path / "records", "train")
     candidates = [c for r in records for c in r["candidates"]]
     click = evaluate.position_rates([c["position"] for c in candidates],
@@ -182,3 +184,28 @@ def test_action_heads_start_from_the_logged_position_rates(tmp_path):
     # Lists of 4: positions past the last seen one take its rate.
     np.testing.assert_allclose(rates[1], np.clip(np.r_[click, [click[-1]] * 16], 1e-4, 1),
                                atol=1e-5)
+
+
+def test_engagement_teacher_starts_from_a_logistic_fit_of_the_logs(tmp_path):
+    """`feature_prior: []` has the pipeline fit each action on the train logs' position and
+    member features: the head's starting logits fit the logs better than the position rates
+    alone (log-loss on train), and position_prior / feature_prior have the head's shapes."""
+    cfg, base_dir, preset, policy_path, data = prepared_tiny_pipeline(tmp_path)
+    head = pipeline.stage_experiment(cfg, "engagement_teacher", base_dir, preset, data,
+                                     policy_path, {}, for_key=False).model.heads["actions"]
+    counted = pipeline.logged_position_rates(data.path / "records", head.names,
+                                             head.position_buckets)
+    records = pipeline._read_split(data.path / "records", "train")
+    rows = [(min(c["position"], head.position_buckets - 1), r["member_features"], c["actions"])
+            for r in records for c in r["candidates"]]
+    assert np.shape(head.feature_prior) == (3, head.features)
+    log_odds = lambda p: np.log(np.asarray(p) / (1 - np.asarray(p)))  # noqa: E731
+    for k, name in enumerate(head.names):
+        y = np.array([actions[name] for _, _, actions in rows])
+        positions = np.array([p for p, _, _ in rows])
+        features = np.array([f for _, f, _ in rows])
+        fit = log_odds(np.asarray(head.position_prior[k])[positions]) + features @ np.asarray(
+            head.feature_prior[k])
+        only = log_odds(np.asarray(counted[k])[positions])
+        loss = lambda z: np.mean(np.logaddexp(0, z) - y * z)  # noqa: E731
+        assert loss(fit) < loss(only), name

@@ -226,7 +226,13 @@ def _title_case(title: str) -> str:
 
 
 def render_member(m: Member) -> str:
-    parts = [f"{LEVEL_TITLE_PREFIX[m.level]}{_title_case(TITLES[m.title])}, {LEVELS[m.level]}, "
+    # The function is written as the job's is ("Software engineering, senior."), as a profile
+    # shows its industry: the policy's weightiest dimension becomes a word both texts share,
+    # where a model otherwise had to learn which of 33 titles belongs to which of 11 functions
+    # from the labels alone (a judge fine-tuned on 500 golden queries reached function kappa
+    # 0.2 in 600 steps; seniority, written as words in both texts, 0.98).
+    parts = [f"{LEVEL_TITLE_PREFIX[m.level]}{_title_case(TITLES[m.title])}. "
+             f"{FUNCTIONS[m.function].name.capitalize()}, {LEVELS[m.level]}, "
              f"{m.years} years experience.",
              f"Skills: {', '.join(SKILLS[s] for s in m.skills)}.",
              f"Based in {CITIES[m.city][0]}, {CITIES[m.city][1]}.",

@@ -45,7 +45,10 @@ class ActionHead(_Head):
     action's rate at each logged position (counted on the logs): a linear head (`hidden: 0`)
     starts with those log-odds as its position weights, so it starts as the position-only
     model and learns what the text and member features add to it; a few hundred noisy steps
-    cannot estimate position bias as well as counting does."""
+    cannot estimate position bias as well as counting does. `feature_prior` [K][features]:
+    the member features' starting weights, with `position_prior` a logistic fit of the logs
+    on position and member features (the pipeline fits both on train): the head starts as
+    that personalised position model."""
 
     type: Literal["actions"] = "actions"
     names: tuple[str, ...]
@@ -54,6 +57,7 @@ class ActionHead(_Head):
     hidden: int = Field(default=0, ge=0)
     prior: tuple[float, ...] | None = None
     position_prior: tuple[tuple[float, ...], ...] | None = None
+    feature_prior: tuple[tuple[float, ...], ...] | None = None
 
     @model_validator(mode="after")
     def _check_prior(self):
@@ -73,6 +77,16 @@ class ActionHead(_Head):
             if self.hidden or self.prior is not None:
                 raise ValueError("position_prior initialises a linear head's position weights: "
                                  f"it needs hidden: 0 (got {self.hidden}) and no prior")
+        if self.feature_prior:
+            shape = (len(self.feature_prior), {len(row) for row in self.feature_prior})
+            if shape != (len(self.names), {self.features}):
+                raise ValueError(
+                    f"feature_prior must hold {len(self.names)} rows (actions "
+                    f"{list(self.names)}) of {self.features} weights (features), got "
+                    f"{shape[0]} rows of lengths {sorted(shape[1])}")
+            if not self.position_prior:
+                raise ValueError("feature_prior is one half of a logistic fit on position and "
+                                 "member features: it needs position_prior")
         return self
 
 
@@ -125,6 +139,9 @@ def build_head(cfg: HeadConfig, width: int, *, param_dtype, rngs: nnx.Rngs) -> D
             start = width + cfg.features
             rates_PxK = jnp.asarray(cfg.position_prior, jnp.float32).T
             dense.out.kernel[start:start + cfg.position_buckets] = log_odds(rates_PxK)
+        if cfg.feature_prior:
+            weights_FxK = jnp.asarray(cfg.feature_prior, jnp.float32).T.astype(param_dtype)
+            dense.out.kernel[width:width + cfg.features] = weights_FxK
         return dense
     if isinstance(cfg, ProjectionHead):
         return Dense(width, cfg.out_dim, 0, None, **kw)

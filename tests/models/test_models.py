@@ -425,7 +425,21 @@ def test_action_priors_set_the_initial_rates():
     # The random part: 0.02-scale weights over unit-RMS inputs, a few tenths of a logit.
     np.testing.assert_allclose(out["actions"], want, atol=0.5)
     np.testing.assert_allclose(out["base"], log_odds([[0.02, 0.5]] * 4), atol=0.5)
+    # feature_prior: the member features' rows start at the given weights.
+    weights = ((0.5, -1.0, 2.0), (0.0, 1.5, -0.5))
+    personal = {"actions": {**heads["actions"], "feature_prior": weights}}
+    model = functional(ModelConfig(backbone=TINY_DECODER, heads=personal))
+    features = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0], [0.2, 0.2, 0.2], [1.0, 1.0, 0.0]],
+                        np.float32)
+    out = model.apply(model.init(0), {**batch, "member_features": features})
+    np.testing.assert_allclose(out["actions"], want + features @ np.array(weights).T, atol=0.5)
     bad = {"type": "actions", "names": ["click"], "position_buckets": 3}
+    with pytest.raises(ValidationError, match="1 rows .* of 2 weights"):
+        ModelConfig(backbone=TINY_DECODER, heads={"a": {
+            **bad, "features": 2, "position_prior": [[0.1, 0.2, 0.3]], "feature_prior": [[1.0]]}})
+    with pytest.raises(ValidationError, match="needs position_prior"):
+        ModelConfig(backbone=TINY_DECODER,
+                    heads={"a": {**bad, "features": 1, "feature_prior": [[1.0]]}})
     with pytest.raises(ValidationError, match="1 rows .* of 3 rates"):
         ModelConfig(backbone=TINY_DECODER, heads={"a": {**bad, "position_prior": [[0.1, 0.2]]}})
     with pytest.raises(ValidationError, match="needs hidden: 0"):
