@@ -171,10 +171,14 @@ def test_action_heads_start_from_the_logged_position_rates(tmp_path):
     from jaxdistill import evaluate
 
     cfg, base_dir, preset, policy_path, data = prepared_tiny_pipeline(tmp_path)
-    teachers = {name: pipeline.StageOutput(name, name, tmp_path / name, False, 0.0)
-                for name in ("relevance_teacher", "engagement_teacher")}
-    head = pipeline.stage_experiment(cfg, "student", base_dir, preset, data, policy_path,
-                                     teachers, for_key=False).model.heads["actions"]
+    # The relevance-only student: no engagement side, so no fit on the member features.
+    cfg.stages["student_relevance_only"] = pipeline.StageSpec(
+        config="student_relevance_only.yaml", teachers={"relevance_teacher": "relevance_teacher"})
+    teachers = {"relevance_teacher": pipeline.StageOutput(
+        "relevance_teacher", "key", tmp_path / "relevance_teacher", False, 0.0)}
+    head = pipeline.stage_experiment(cfg, "student_relevance_only", base_dir, preset, data,
+                                     policy_path, teachers, for_key=False).model.heads["actions"]
+    assert head.feature_prior is None
     records = pipeline._read_split(data.path / "records", "train")
     candidates = [c for r in records for c in r["candidates"]]
     click = evaluate.position_rates([c["position"] for c in candidates],

@@ -91,7 +91,7 @@ class EncodeRecords(grain.transforms.Map):
                  list_size: int | None, pad_to_max_len: bool, skip_malformed: bool,
                  offline_shapes: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
                  label_types: Mapping[str, str] | None = None,
-                 same_as: Mapping[str, str] | None = None):
+                 same_as: Mapping[str, str] | None = None, sample_candidates: bool = False):
         if kind == "listwise" and not list_size:
             raise ValueError("listwise data needs list_size (candidates per query), got "
                              f"{list_size!r}")
@@ -105,6 +105,7 @@ class EncodeRecords(grain.transforms.Map):
         self.pad_to_max_len, self.skip_malformed = pad_to_max_len, skip_malformed
         self.offline_shapes = {t: dict(o) for t, o in (offline_shapes or {}).items()}
         self.label_types = dict(label_types or {})
+        self.sample_candidates = sample_candidates
         # Keys whose tokenizers give the same ids share one tokenisation.
         self.same_as = {key: (same_as or {}).get(key, key) for key in self.tokenizers}
         # Indices of records that passed validation: a source's records do not change, so
@@ -166,8 +167,9 @@ class EncodeRecords(grain.transforms.Map):
             self._check_offline(record, index)
 
     def _check_offline(self, record: Mapping[str, Any], index: int) -> None:
-        # Every candidate: a sampled read may choose any of them.
-        items = record["candidates"] if self.kind == "listwise" else [record]
+        # The candidates read: the first list_size, or any of them when sampling.
+        items = (record["candidates"][: None if self.sample_candidates else self.list_size]
+                 if self.kind == "listwise" else [record])
         prefix = "candidates[{i}]." if self.kind == "listwise" else ""
         for i, item in enumerate(items):
             offline = item.get("offline", {})
@@ -473,7 +475,8 @@ def make_dataset(
         kind=kind, tokenizers=tokenizers, source_name=source_name, max_len=max_len,
         member_features_dim=member_features_dim, action_names=action_names,
         list_size=list_size, pad_to_max_len=not pack, skip_malformed=skip_malformed,
-        offline_shapes=offline_shapes, label_types=label_types, same_as=same_as))
+        offline_shapes=offline_shapes, label_types=label_types, same_as=same_as,
+        sample_candidates=sample_candidates and kind == "listwise"))
     read_options = grain.ReadOptions(
         num_threads=0 if worker_count else 2,
         prefetch_buffer_size=0 if worker_count else max(prefetch, 1) * batch_size)
