@@ -457,7 +457,7 @@ Progress and library logging go to OUT.log (a file beside --out); the console sh
   jaxdistill pipeline configs/job_search/pipeline.yaml --preset full --workdir runs/full
   jaxdistill pipeline configs/job_search/pipeline.yaml --preset laptop --ablations --seeds 3
 
-Presets: laptop (CPU, about 9 minutes) and full (realistic sizes, for a GPU or TPU).""",
+Presets: laptop (CPU, about 10 minutes) and full (realistic sizes, for a GPU or TPU).""",
 }
 
 
