@@ -130,6 +130,20 @@ def test_sampled_candidates_are_drawn_anew_each_epoch_and_resume(tokenizer):
         np.testing.assert_array_equal(next(resumed)["position"], want)
 
 
+def test_sampled_reads_need_cached_outputs_on_every_candidate(tokenizer):
+    # A cache written for the first 2 candidates serves first-2 reads; a sampled read may
+    # take any candidate, so the record is refused naming the first one without it.
+    records = [{"query": "nurse", "member": "", "member_features": [1.0],
+                "candidates": [{"document": f"job {j}", "grade": 1,
+                                **({"offline": {"t": {"score": [0.5, 0.5]}}} if j < 2 else {})}
+                               for j in range(4)]} for _ in range(2)]
+    batch = next(iter(make(records, tokenizer, kind="listwise", list_size=2, batch_size=2)))
+    assert batch["offline"]["t"]["score"].shape == (2, 2, 2)
+    with pytest.raises(RecordError, match=r"record 0: field 'candidates\[2\]\.offline\.t\.score'"):
+        list(make(records, tokenizer, kind="listwise", list_size=2, batch_size=2, shuffle=False,
+                  sample_candidates=True))
+
+
 def grades_in_order(dataset):
     return [int(g) for batch in dataset for g in batch["member_features"][:, 0]]
 
