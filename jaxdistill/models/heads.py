@@ -68,26 +68,27 @@ class ActionHead(_Head):
             raise ValueError(f"prior has {len(self.prior)} rates for {len(self.names)} "
                              f"actions {list(self.names)}")
         if self.position_prior:
-            shape = (len(self.position_prior), {len(row) for row in self.position_prior})
-            if shape != (len(self.names), {self.position_buckets}):
-                raise ValueError(
-                    f"position_prior must hold {len(self.names)} rows (actions "
-                    f"{list(self.names)}) of {self.position_buckets} rates (position_buckets), "
-                    f"got {shape[0]} rows of lengths {sorted(shape[1])}")
+            self._check_rows("position_prior", self.position_prior, self.position_buckets,
+                             "rates (position_buckets)")
             if self.hidden or self.prior is not None:
                 raise ValueError("position_prior initialises a linear head's position weights: "
                                  f"it needs hidden: 0 (got {self.hidden}) and no prior")
         if self.feature_prior:
-            shape = (len(self.feature_prior), {len(row) for row in self.feature_prior})
-            if shape != (len(self.names), {self.features}):
-                raise ValueError(
-                    f"feature_prior must hold {len(self.names)} rows (actions "
-                    f"{list(self.names)}) of {self.features} weights (features), got "
-                    f"{shape[0]} rows of lengths {sorted(shape[1])}")
+            self._check_rows("feature_prior", self.feature_prior, self.features,
+                             "weights (features)")
             if not self.position_prior:
                 raise ValueError("feature_prior is one half of a logistic fit on position and "
                                  "member features: it needs position_prior")
         return self
+
+    def _check_rows(self, key: str, rows: tuple[tuple[float, ...], ...], width: int,
+                    unit: str) -> None:
+        """`rows` holds one row of `width` values per action."""
+        shape = (len(rows), {len(row) for row in rows})
+        if shape != (len(self.names), {width}):
+            raise ValueError(f"{key} must hold {len(self.names)} rows (actions "
+                             f"{list(self.names)}) of {width} {unit}, got {shape[0]} rows of "
+                             f"lengths {sorted(shape[1])}")
 
 
 class ProjectionHead(_Head):
