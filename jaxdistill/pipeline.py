@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from jaxdistill import config as config_lib
 from jaxdistill import judge as judge_lib
 
-DATA_FORMAT_VERSION = 5  # bump when the workload's records or their encoding change
+DATA_FORMAT_VERSION = 6  # bump when the workload's records or their encoding change
 EVALUATION_VERSION = 3  # bump when evaluation changes what it measures
 EVAL_SPLITS = ("validation", "test", "golden")
 JUDGE = "judge"  # the judge's stage name
