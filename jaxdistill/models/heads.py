@@ -136,6 +136,13 @@ def build_head(cfg: HeadConfig, width: int, *, param_dtype, rngs: nnx.Rngs) -> D
         if cfg.prior is not None:
             dense.out.bias[...] = log_odds(jnp.asarray(cfg.prior, jnp.float32))
         if cfg.position_prior:
+            # The head starts as the position model exactly: the pooled state's rows start at
+            # zero (their gradient is not zero, so they learn what the text adds), and so do
+            # the member features' rows unless feature_prior sets them. Random rows over a
+            # trained backbone's pooled state scored clicks by chance: a head no loss trained
+            # (the relevance-only student's) read 0.812 +- 0.006 click AUROC over 3 seeds.
+            dense.out.kernel[:width + cfg.features] = jnp.zeros(
+                (width + cfg.features, len(cfg.names)), param_dtype)
             # The one-hot's rows of the kernel: its inputs follow the pooled state and features.
             start = width + cfg.features
             rates_PxK = jnp.asarray(cfg.position_prior, jnp.float32).T

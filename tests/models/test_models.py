@@ -411,8 +411,8 @@ def test_action_head_reads_the_logged_position_one_hot():
 
 def test_action_priors_set_the_initial_rates():
     """`prior` starts each action at its base rate; `position_prior` starts a linear head as
-    the position-only model: p(action | position) = the logged rate (up to the small random
-    weights on the pooled state and features)."""
+    the position-only model exactly: p(action | position) = the logged rate (the pooled
+    state's and the features' rows start at zero; `prior` alone leaves them random)."""
     rates = ((0.01, 0.2, 0.05), (0.3, 0.1, 0.6))
     heads = {"actions": {"type": "actions", "names": ["click", "apply"], "features": 3,
                          "position_buckets": 3, "position_prior": rates},
@@ -422,8 +422,8 @@ def test_action_priors_set_the_initial_rates():
     out = model.apply(model.init(0), batch)
     log_odds = lambda p: np.log(np.asarray(p) / (1 - np.asarray(p)))  # noqa: E731
     want = log_odds(np.array(rates).T[[0, 1, 2, 2]])  # position 7 reads the last bucket
-    # The random part: 0.02-scale weights over unit-RMS inputs, a few tenths of a logit.
-    np.testing.assert_allclose(out["actions"], want, atol=0.5)
+    np.testing.assert_allclose(out["actions"], want, rtol=1e-5, atol=1e-5)
+    # `prior` sets the bias only: 0.02-scale random weights over unit-RMS inputs remain.
     np.testing.assert_allclose(out["base"], log_odds([[0.02, 0.5]] * 4), atol=0.5)
     # feature_prior: the member features' rows start at the given weights.
     weights = ((0.5, -1.0, 2.0), (0.0, 1.5, -0.5))
@@ -432,7 +432,8 @@ def test_action_priors_set_the_initial_rates():
     features = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0], [0.2, 0.2, 0.2], [1.0, 1.0, 0.0]],
                         np.float32)
     out = model.apply(model.init(0), {**batch, "member_features": features})
-    np.testing.assert_allclose(out["actions"], want + features @ np.array(weights).T, atol=0.5)
+    np.testing.assert_allclose(out["actions"], want + features @ np.array(weights).T,
+                               rtol=1e-5, atol=1e-5)
     bad = {"type": "actions", "names": ["click"], "position_buckets": 3}
     with pytest.raises(ValidationError, match="1 rows .* of 2 weights"):
         ModelConfig(backbone=TINY_DECODER, heads={"a": {
