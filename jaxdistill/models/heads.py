@@ -141,10 +141,9 @@ def build_head(cfg: HeadConfig, width: int, *, param_dtype, rngs: nnx.Rngs) -> D
             # the member features' rows unless feature_prior sets them. Random rows over a
             # trained backbone's pooled state scored clicks by chance: a head no loss trained
             # (the relevance-only student's) read 0.812 +- 0.006 click AUROC over 3 seeds.
-            dense.out.kernel[:width + cfg.features] = jnp.zeros(
-                (width + cfg.features, len(cfg.names)), param_dtype)
             # The one-hot's rows of the kernel: its inputs follow the pooled state and features.
             start = width + cfg.features
+            dense.out.kernel[:start] = jnp.zeros((start, len(cfg.names)), param_dtype)
             rates_PxK = jnp.asarray(cfg.position_prior, jnp.float32).T
             dense.out.kernel[start:start + cfg.position_buckets] = log_odds(rates_PxK)
         if cfg.feature_prior:
