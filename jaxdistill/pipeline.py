@@ -187,11 +187,13 @@ def prepare_data(cfg: PipelineConfig, preset: PresetSpec, workdir: Path, policy_
 
 def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: PresetSpec,
                      data: StageOutput, policy_path: Path, upstream: Mapping[str, StageOutput],
-                     *, for_key: bool) -> config_lib.Experiment:
+                     *, for_key: bool, probe: bool = True) -> config_lib.Experiment:
     """A stage's Experiment with the pipeline's inputs filled in.
 
     With `for_key`, every input is named by its key instead of its path, so the resolved
-    config is the stage's cache key material.
+    config is the stage's cache key material. An action head with `pooled_prior: []` starts at
+    a linear probe of the warm-start model (`linear_probe`); the key leaves it unfitted (a
+    function of the warm start, the data and the head, all keyed), and so does `probe=False`.
     """
     from jaxdistill.data.tokenizer import load_tokenizer, yes_no_token_ids
 
@@ -210,9 +212,13 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
         "trainer.progress=true",
     ]
     raw = config_lib.apply_overrides(config_lib.read_yaml(base_dir / stage.config), overrides)
+    probed = {name: head for name, head in raw.get("model", {}).get("heads", {}).items()
+              if head.get("type") == "actions" and head.get("pooled_prior") == []}
     for head in raw.get("model", {}).get("heads", {}).values():
         if head.get("type") == "token_score":
             head["token_ids"] = [no_id, yes_id]
+        if any(head is probe for probe in probed.values()):
+            continue  # below, once the stage's data config is resolved
         if head.get("type") == "actions" and head.get("feature_prior") == []:
             head["position_prior"], head["feature_prior"] = logged_action_fit(
                 data.path / "records", head["names"], head["position_buckets"])
@@ -235,6 +241,17 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
         raw["model"]["warm_start"] = f"run:{where(upstream[stage.warm_start])}"
     elif stage.warm_start and stage.warm_start != JUDGE:
         raise config_lib.ConfigError(f"stage {name}: warm_start {stage.warm_start!r} has not run")
+    experiment = config_lib.validate(raw, source=str(base_dir / stage.config))
+    if not probed or for_key or not probe:
+        return experiment
+    for head in probed.values():
+        if stage.warm_start in upstream:
+            head["position_prior"], head["feature_prior"], head["pooled_prior"] = linear_probe(
+                upstream[stage.warm_start], experiment, head["names"], head["position_buckets"])
+        else:  # nothing to probe (`judge: oracle`, no warm start): the logs' fit alone
+            head["pooled_prior"] = None
+            head["position_prior"], head["feature_prior"] = logged_action_fit(
+                data.path / "records", head["names"], head["position_buckets"])
     return config_lib.validate(raw, source=str(base_dir / stage.config))
 
 
@@ -280,14 +297,17 @@ def _logged_action_fit(records_dir: str, names: tuple[str, ...],
         labels = np.array([actions.get(name, 0) for _, _, actions in rows])[known]
         fit = LogisticRegression(C=10.0, fit_intercept=False, max_iter=2000).fit(
             x_NxI[known], labels)
-        logits_P = fit.coef_[0, :buckets]
-        # A bucket no logged candidate reached takes the nearest reached one's logit, as
-        # the counted rates do.
-        seen = np.flatnonzero(np.bincount(positions[known], minlength=buckets))
-        logits_P = logits_P[seen[np.abs(np.arange(buckets)[:, None] - seen).argmin(1)]]
-        rates.append(np.clip(1 / (1 + np.exp(-logits_P)), 1e-4, 1 - 1e-4).round(5).tolist())
+        rates.append(_position_rates(fit.coef_[0, :buckets], positions[known]).round(5).tolist())
         weights.append(fit.coef_[0, buckets:].round(5).tolist())
     return rates, weights
+
+
+def _position_rates(logits_P: np.ndarray, positions_N: np.ndarray) -> np.ndarray:
+    """A fit's position logits as rates; a bucket no logged candidate reached takes the
+    nearest reached one's, as the counted rates do."""
+    seen = np.flatnonzero(np.bincount(positions_N, minlength=len(logits_P)))
+    logits_P = logits_P[seen[np.abs(np.arange(len(logits_P))[:, None] - seen).argmin(1)]]
+    return np.clip(1 / (1 + np.exp(-logits_P)), 1e-4, 1 - 1e-4)
 
 
 def logged_action_fit(records_dir: Path, names: Sequence[str],
@@ -297,6 +317,78 @@ def logged_action_fit(records_dir: Path, names: Sequence[str],
     position's probability at zero features; `feature_prior`, the features' weights), an
     action head's start as a personalised position model."""
     return _logged_action_fit(str(records_dir), tuple(names), buckets)
+
+
+PROBE_C = (0.03, 0.1, 0.3, 1.0)  # inverse L2 strengths a linear probe chooses among
+_probes: dict[tuple, tuple[list[list[float]], ...]] = {}
+
+
+def linear_probe(warm: StageOutput, experiment: config_lib.Experiment, names: Sequence[str],
+                 buckets: int) -> tuple[list[list[float]], list[list[float]], list[list[float]]]:
+    """A logistic fit of each action on the warm-start model's pooled state, the logged
+    position (one-hot, the last bucket holding the positions past it) and member features, on
+    the train split, its L2 strength chosen on validation AUROC: an action head's start
+    (`position_prior`, `feature_prior`, `pooled_prior`), so fine-tuning starts from the probe.
+
+    A head started at the position fit alone learned next to nothing from the text in 90
+    steps, while a probe of the same pooled states adds 0.009 click AUROC (linear probing then
+    fine-tuning, Kumar et al. 2022).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from jaxdistill.data.batches import split_batches
+
+    memo = (str(warm.path), experiment.data.path, tuple(names), buckets)
+    if memo in _probes:
+        return _probes[memo]
+    _say(f"linear probe of {warm.name} for actions {list(names)}")
+    _, params, evaluator = _stage_model(warm, experiment)
+    splits = {}
+    for split in ("train", "validation"):
+        # Whole logged lists: training reads a few candidates of each, the probe every one
+        # (every position included).
+        records = _read_split(Path(experiment.data.path), split)
+        whole = _with_data(experiment, list_size=max(len(r["candidates"]) for r in records))
+        scores = evaluator.run(params, {}, split_batches(whole, split, train=False, shard=False))
+        f = scores.fields
+        pooled_QxNxD = scores.student["pooled"].astype(np.float64)
+        q, n, width = pooled_QxNxD.shape
+        positions_QxN = np.minimum(f["position"], buckets - 1)
+        features_QxNxF = np.broadcast_to(f["member_features"][:, None, :],
+                                         (q, n, f["member_features"].shape[-1]))
+        x = np.concatenate([np.eye(buckets)[positions_QxN], features_QxNxF, pooled_QxNxD], -1)
+        known_QxNxK = (f["action_mask"] > 0) & (f["candidate_mask"] > 0)[..., None]
+        splits[split] = (x, f["actions"], known_QxNxK, positions_QxN)
+    (x, y, known_QxNxK, positions_QxN), (vx, vy, vknown_QxNxK, _) = (
+        splits["train"], splits["validation"])
+    rates, weights, pooled = [], [], []
+    for k in range(len(names)):
+        known, vknown = known_QxNxK[..., k], vknown_QxNxK[..., k]
+        labels, vlabels = y[..., k][known], vy[..., k][vknown]
+        if len(np.unique(labels)) < 2:  # never (or always) logged: its rate, nothing to fit
+            coef = np.zeros(x.shape[-1])
+            rate = labels.mean() if labels.size else 0.5
+            intercept = np.log((rate + 1e-4) / (1 - rate + 1e-4))
+        else:
+            # Without both classes on validation there is no AUROC to choose by: C = 1.
+            choices = PROBE_C if len(np.unique(vlabels)) == 2 else (1.0,)
+            best = None
+            for c in choices:
+                # The intercept is not penalised (lbfgs): it keeps a rare action's base rate
+                # while a strong penalty shrinks the position one-hot's weights.
+                fit = LogisticRegression(C=c, max_iter=3000).fit(x[known], labels)
+                score = (roc_auc_score(vlabels, fit.decision_function(vx[vknown]))
+                         if len(choices) > 1 else 0.0)
+                if best is None or score > best[0]:
+                    best = (score, fit)
+            coef, intercept = best[1].coef_[0], best[1].intercept_[0]
+        rates.append(_position_rates(coef[:buckets] + intercept,
+                                     positions_QxN[known]).round(6).tolist())
+        weights.append(coef[buckets:-width].round(6).tolist())
+        pooled.append(coef[-width:].round(6).tolist())
+    _probes[memo] = rates, weights, pooled
+    return _probes[memo]
 
 
 def _stage_spec(cfg: PipelineConfig, name: str) -> StageSpec:
@@ -311,8 +403,11 @@ def run_stage(cfg: PipelineConfig, name: str, base_dir: Path, workdir: Path, pre
               data: StageOutput, policy_path: Path, policy_hash: str,
               upstream: Mapping[str, StageOutput]) -> StageOutput:
     keyed = stage_experiment(cfg, name, base_dir, preset, data, policy_path, upstream, for_key=True)
+    # A linear probe costs a forward pass over the train and validation splits: only a stage
+    # that will train needs its head's start.
+    cached = _done(workdir / name / stage_key(keyed, policy_hash, data.key))
     experiment = stage_experiment(cfg, name, base_dir, preset, data, policy_path, upstream,
-                                  for_key=False)
+                                  for_key=False, probe=not cached)
     return train_stage(name, keyed, experiment, workdir, policy_hash, data)
 
 

@@ -76,7 +76,7 @@ def test_editing_a_stage_reruns_only_what_depends_on_it(tmp_path):
                           "evaluation"}
 
     engagement = path.parent / "engagement_teacher.yaml"
-    edit = engagement.read_text().replace("learning_rate: 5.0e-3", "learning_rate: 4.0e-3")
+    edit = engagement.read_text().replace("learning_rate: 3.0e-5", "learning_rate: 4.0e-5")
     assert edit != engagement.read_text()
     engagement.write_text(edit)
     edited = rerun(path, workdir)
@@ -191,9 +191,10 @@ def test_action_heads_start_from_the_logged_position_rates(tmp_path):
 
 
 def test_engagement_teacher_starts_from_a_logistic_fit_of_the_logs(tmp_path):
-    """`feature_prior: []` has the pipeline fit each action on the train logs' position and
-    member features: the head's starting logits fit the logs better than the position rates
-    alone (log-loss on train), and position_prior / feature_prior have the head's shapes."""
+    """Without a warm start to probe (`judge: oracle`), `pooled_prior: []` has the pipeline fit
+    each action on the train logs' position and member features: the head's starting logits
+    fit the logs better than the position rates alone (log-loss on train), position_prior /
+    feature_prior have the head's shapes, and the pooled state's rows start at zero."""
     cfg, base_dir, preset, policy_path, data = prepared_tiny_pipeline(tmp_path)
     head = pipeline.stage_experiment(cfg, "engagement_teacher", base_dir, preset, data,
                                      policy_path, {}, for_key=False).model.heads["actions"]
@@ -203,6 +204,7 @@ def test_engagement_teacher_starts_from_a_logistic_fit_of_the_logs(tmp_path):
     rows = [(min(c["position"], head.position_buckets - 1), r["member_features"], c["actions"])
             for r in records for c in r["candidates"]]
     assert np.shape(head.feature_prior) == (3, head.features)
+    assert head.pooled_prior is None
     log_odds = lambda p: np.log(np.asarray(p) / (1 - np.asarray(p)))  # noqa: E731
     for k, name in enumerate(head.names):
         y = np.array([actions[name] for _, _, actions in rows])
@@ -213,3 +215,69 @@ def test_engagement_teacher_starts_from_a_logistic_fit_of_the_logs(tmp_path):
         only = log_odds(np.asarray(counted[k])[positions])
         loss = lambda z: np.mean(np.logaddexp(0, z) - y * z)  # noqa: E731
         assert loss(fit) < loss(only), name
+
+
+@pytest.mark.slow
+def test_engagement_teacher_starts_at_a_linear_probe_of_the_judge(tmp_path, monkeypatch):
+    """`pooled_prior: []` with a warm start: the pipeline fits each action on the judge's
+    pooled states, the logged position and the member features (train split), and the stage's
+    model starts at exactly that fit: its initial logits on the train lists are a sklearn
+    logistic fit's decision function at one of the probe's L2 strengths. A stage that is
+    already trained is reused without probing again."""
+    from sklearn.linear_model import LogisticRegression
+
+    from jaxdistill import loader, parallel
+    from jaxdistill.data.batches import split_batches
+    from jaxdistill.evaluator import Evaluator
+    from jaxdistill.models.model import functional
+
+    cfg, base_dir, preset, policy_path, data = prepared_tiny_pipeline(tmp_path)
+    policy_hash = judge_lib.load_policy(policy_path).content_hash
+    workdir = tmp_path / "runs"
+    labelled = pipeline.run_judge(cfg, base_dir, workdir, preset, data, policy_path, policy_hash)
+    upstream = {"judge": pipeline.StageOutput("judge", labelled.key, labelled.path.parent,
+                                              False, 0.0)}
+    experiment = pipeline.stage_experiment(cfg, "engagement_teacher", base_dir, preset,
+                                           labelled, policy_path, upstream, for_key=False)
+    head = experiment.model.heads["actions"]
+    width = experiment.model.backbone.hidden
+    assert np.shape(head.pooled_prior) == (3, width)
+
+    mesh = parallel.make_mesh(experiment.mesh.shape)
+    rules = dict(experiment.mesh.rules)
+    model = functional(loader.model_config(experiment.model))
+    start = loader.initial_params(experiment, model, mesh, rules)
+    whole = pipeline._with_data(experiment, list_size=4)  # the tiny workload's lists
+
+    def train_outputs(fn, params):
+        return Evaluator(fn, mesh=mesh, rules=rules).run(
+            params, {}, split_batches(whole, "train", train=False, shard=False))
+
+    scores = train_outputs(model, start)
+    judge_model, judge_params, _ = pipeline._stage_model(upstream["judge"], experiment)
+    pooled = train_outputs(judge_model, judge_params).student["pooled"]
+    np.testing.assert_allclose(scores.student["pooled"], pooled, atol=1e-5)  # warm-started
+    f = scores.fields
+    q, n = f["position"].shape
+    x = np.concatenate([np.eye(head.position_buckets)[f["position"]],
+                        np.broadcast_to(f["member_features"][:, None], (q, n, head.features)),
+                        pooled.astype(np.float64)], -1)
+    fitted = 0
+    for k, name in enumerate(head.names):
+        known = (f["action_mask"][..., k] > 0) & (f["candidate_mask"] > 0)
+        labels, logits = f["actions"][..., k][known], scores.student["actions"][..., k][known]
+        if len(np.unique(labels)) < 2:  # nothing to fit: the logged rate everywhere
+            np.testing.assert_allclose(logits, logits[0], atol=1e-5)
+            continue
+        fits = [LogisticRegression(C=c, max_iter=3000).fit(x[known], labels).decision_function(
+            x[known]) for c in pipeline.PROBE_C]
+        assert min(np.abs(fit - logits).max() for fit in fits) < 1e-3, name
+        fitted += 1
+    assert fitted >= 1  # the tiny logs hold clicks
+
+    pipeline.run_stage(cfg, "engagement_teacher", base_dir, workdir, preset, labelled,
+                       policy_path, policy_hash, upstream)
+    monkeypatch.setattr(pipeline, "linear_probe", lambda *a: pytest.fail("probed again"))
+    again = pipeline.run_stage(cfg, "engagement_teacher", base_dir, workdir, preset, labelled,
+                               policy_path, policy_hash, upstream)
+    assert again.cached

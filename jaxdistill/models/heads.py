@@ -48,7 +48,9 @@ class ActionHead(_Head):
     cannot estimate position bias as well as counting does. `feature_prior` [K][features]:
     the member features' starting weights, with `position_prior` a logistic fit of the logs
     on position and member features (the pipeline fits both on train): the head starts as
-    that personalised position model."""
+    that personalised position model. `pooled_prior` [K][width]: the pooled state's starting
+    weights, with the two above a logistic fit on the pooled state too (a linear probe of the
+    warm-start model, which the pipeline fits): fine-tuning starts from the probe (LP-FT)."""
 
     type: Literal["actions"] = "actions"
     names: tuple[str, ...]
@@ -58,6 +60,7 @@ class ActionHead(_Head):
     prior: tuple[float, ...] | None = None
     position_prior: tuple[tuple[float, ...], ...] | None = None
     feature_prior: tuple[tuple[float, ...], ...] | None = None
+    pooled_prior: tuple[tuple[float, ...], ...] | None = None
 
     @model_validator(mode="after")
     def _check_prior(self):
@@ -79,6 +82,15 @@ class ActionHead(_Head):
             if not self.position_prior:
                 raise ValueError("feature_prior is one half of a logistic fit on position and "
                                  "member features: it needs position_prior")
+        if self.pooled_prior:
+            widths = {len(row) for row in self.pooled_prior}
+            if len(self.pooled_prior) != len(self.names) or len(widths) != 1:
+                raise ValueError(f"pooled_prior must hold {len(self.names)} rows (actions "
+                                 f"{list(self.names)}) of one width, got "
+                                 f"{len(self.pooled_prior)} rows of lengths {sorted(widths)}")
+            if not self.position_prior:
+                raise ValueError("pooled_prior is one part of a logistic fit on the pooled "
+                                 "state, position and member features: it needs position_prior")
         return self
 
     def _check_rows(self, key: str, rows: tuple[tuple[float, ...], ...], width: int,
@@ -149,6 +161,12 @@ def build_head(cfg: HeadConfig, width: int, *, param_dtype, rngs: nnx.Rngs) -> D
         if cfg.feature_prior:
             weights_FxK = jnp.asarray(cfg.feature_prior, jnp.float32).T.astype(param_dtype)
             dense.out.kernel[width:width + cfg.features] = weights_FxK
+        if cfg.pooled_prior:
+            if len(cfg.pooled_prior[0]) != width:
+                raise ValueError(f"pooled_prior has rows of {len(cfg.pooled_prior[0])} weights; "
+                                 f"the backbone's pooled state is {width} wide")
+            weights_DxK = jnp.asarray(cfg.pooled_prior, jnp.float32).T.astype(param_dtype)
+            dense.out.kernel[:width] = weights_DxK
         return dense
     if isinstance(cfg, ProjectionHead):
         return Dense(width, cfg.out_dim, 0, None, **kw)

@@ -434,7 +434,23 @@ def test_action_priors_set_the_initial_rates():
     out = model.apply(model.init(0), {**batch, "member_features": features})
     np.testing.assert_allclose(out["actions"], want + features @ np.array(weights).T,
                                rtol=1e-5, atol=1e-5)
+    # pooled_prior: the pooled state's rows too (a linear probe's weights).
+    pooled_weights = np.random.default_rng(0).normal(size=(2, 32))
+    probed = {"actions": {**personal["actions"], "pooled_prior": pooled_weights.tolist()}}
+    model = functional(ModelConfig(backbone=TINY_DECODER, heads=probed))
+    out = model.apply(model.init(0), {**batch, "member_features": features})
+    np.testing.assert_allclose(out["actions"], want + features @ np.array(weights).T
+                               + np.asarray(out["pooled"]) @ pooled_weights.T,
+                               rtol=1e-5, atol=1e-5)
+    narrow = {"actions": {**probed["actions"], "pooled_prior": pooled_weights[:, :8].tolist()}}
+    with pytest.raises(ValueError, match="rows of 8 weights; the backbone.s pooled state is 32"):
+        functional(ModelConfig(backbone=TINY_DECODER, heads=narrow)).init(0)
     bad = {"type": "actions", "names": ["click"], "position_buckets": 3}
+    with pytest.raises(ValidationError, match="pooled_prior .* needs position_prior"):
+        ModelConfig(backbone=TINY_DECODER, heads={"a": {**bad, "pooled_prior": [[1.0, 2.0]]}})
+    with pytest.raises(ValidationError, match="pooled_prior must hold 1 rows"):
+        ModelConfig(backbone=TINY_DECODER, heads={"a": {
+            **bad, "position_prior": [[0.1, 0.2, 0.3]], "pooled_prior": [[1.0], [2.0]]}})
     with pytest.raises(ValidationError, match="1 rows .* of 2 weights"):
         ModelConfig(backbone=TINY_DECODER, heads={"a": {
             **bad, "features": 2, "position_prior": [[0.1, 0.2, 0.3]], "feature_prior": [[1.0]]}})
