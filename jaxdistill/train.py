@@ -200,7 +200,9 @@ def _storage_error(code: int, path, checkpointer: Checkpointer | None) -> RunSto
 def config_differences(saved_yaml: str, current_yaml: str, *,
                        ignore: tuple[str, ...] = ()) -> list[str]:
     """`key: checkpoint X, now Y` for each resolved-config key that differs (list items by
-    index, `objective.1.name`), but those in `RESUMABLE_KEYS` and under an `ignore` prefix."""
+    index, `objective.1.name`), but those in `RESUMABLE_KEYS` and under an `ignore` prefix. Two
+    paths to files of the same content (a policy document copied elsewhere) are the same
+    input."""
     import yaml
 
     def flat(value, prefix=""):
@@ -220,10 +222,20 @@ def config_differences(saved_yaml: str, current_yaml: str, *,
                                         for p in (*RESUMABLE_SECTIONS, *ignore)):
             continue
         a, b = saved.get(key, missing), current.get(key, missing)
-        if a != b:
+        if a != b and not _same_file(a, b):
             shown = lambda v: "(absent)" if v is missing else json.dumps(v)  # noqa: E731
             lines.append(f"{key}: checkpoint {shown(a)}, now {shown(b)}")
     return lines
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        return Path(a).is_file() and Path(b).is_file() and (
+            Path(a).read_bytes() == Path(b).read_bytes())
+    except OSError:
+        return False
 
 
 def _check_resumable(checkpointer: Checkpointer, step: int, meta: dict[str, Any], *,

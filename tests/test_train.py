@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -399,3 +400,21 @@ def test_teacher_starts_from_an_hf_directory_by_config(data_dir, tokenizer, tmp_
 
     result = train.run(cfg, tmp_path / "run")
     assert result.step == 1 and np.isfinite(result.metrics["loss/total"])
+
+
+def test_config_differences_reads_a_copied_file_as_the_same_input(tmp_path):
+    """A resumed run's config is compared key by key; a file-valued key (the policy) that names
+    a copy with the same content is not a difference, one with other content is."""
+    policy, copy, edited = tmp_path / "policy.md", tmp_path / "copy.md", tmp_path / "edited.md"
+    policy.write_text("# rubric\n")
+    copy.write_text("# rubric\n")
+    edited.write_text("# rubric, edited\n")
+
+    def differences(now: Path, steps: int = 10):
+        return train.config_differences(f"policy: {policy}\ntrainer: {{steps: 10}}\n",
+                                        f"policy: {now}\ntrainer: {{steps: {steps}}}\n")
+
+    assert differences(copy) == []
+    assert differences(edited) == [f'policy: checkpoint "{policy}", now "{edited}"']
+    assert differences(tmp_path / "missing.md") != []
+    assert differences(copy, steps=20) == []  # trainer.steps may change on resume
