@@ -320,6 +320,7 @@ def logged_action_fit(records_dir: Path, names: Sequence[str],
 
 
 PROBE_C = (0.03, 0.1, 0.3, 1.0)  # inverse L2 strengths a linear probe chooses among
+PROBE_PAIRS = 50_000  # logged pairs per split a probe reads at most (the laptop's train: 8000)
 _probes: dict[tuple, tuple[list[list[float]], ...]] = {}
 
 
@@ -334,61 +335,80 @@ def linear_probe(warm: StageOutput, experiment: config_lib.Experiment, names: Se
     steps, while a probe of the same pooled states adds 0.009 click AUROC (linear probing then
     fine-tuning, Kumar et al. 2022).
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-
-    from jaxdistill.data.batches import split_batches
-
     memo = (str(warm.path), experiment.data.path, tuple(names), buckets)
     if memo in _probes:
         return _probes[memo]
     _say(f"linear probe of {warm.name} for actions {list(names)}")
     _, params, evaluator = _stage_model(warm, experiment)
-    splits = {}
-    for split in ("train", "validation"):
-        # Whole logged lists: training reads a few candidates of each, the probe every one
-        # (every position included).
-        records = _read_split(Path(experiment.data.path), split)
-        whole = _with_data(experiment, list_size=max(len(r["candidates"]) for r in records))
-        scores = evaluator.run(params, {}, split_batches(whole, split, train=False, shard=False))
-        f = scores.fields
-        pooled_QxNxD = scores.student["pooled"].astype(np.float64)
-        q, n, width = pooled_QxNxD.shape
-        positions_QxN = np.minimum(f["position"], buckets - 1)
-        features_QxNxF = np.broadcast_to(f["member_features"][:, None, :],
-                                         (q, n, f["member_features"].shape[-1]))
-        x = np.concatenate([np.eye(buckets)[positions_QxN], features_QxNxF, pooled_QxNxD], -1)
-        known_QxNxK = (f["action_mask"] > 0) & (f["candidate_mask"] > 0)[..., None]
-        splits[split] = (x, f["actions"], known_QxNxK, positions_QxN)
-    (x, y, known_QxNxK, positions_QxN), (vx, vy, vknown_QxNxK, _) = (
-        splits["train"], splits["validation"])
+    (x, y, known_QxNxK, positions_QxN, width), (vx, vy, vknown_QxNxK, _, _) = (
+        _probe_design(evaluator, params, experiment, split, buckets)
+        for split in ("train", "validation"))
     rates, weights, pooled = [], [], []
     for k in range(len(names)):
         known, vknown = known_QxNxK[..., k], vknown_QxNxK[..., k]
-        labels, vlabels = y[..., k][known], vy[..., k][vknown]
-        if len(np.unique(labels)) < 2:  # never (or always) logged: its rate, nothing to fit
-            coef = np.zeros(x.shape[-1])
-            rate = labels.mean() if labels.size else 0.5
-            intercept = np.log((rate + 1e-4) / (1 - rate + 1e-4))
-        else:
-            # Without both classes on validation there is no AUROC to choose by: C = 1.
-            choices = PROBE_C if len(np.unique(vlabels)) == 2 else (1.0,)
-            best = None
-            for c in choices:
-                # The intercept is not penalised (lbfgs): it keeps a rare action's base rate
-                # while a strong penalty shrinks the position one-hot's weights.
-                fit = LogisticRegression(C=c, max_iter=3000).fit(x[known], labels)
-                score = (roc_auc_score(vlabels, fit.decision_function(vx[vknown]))
-                         if len(choices) > 1 else 0.0)
-                if best is None or score > best[0]:
-                    best = (score, fit)
-            coef, intercept = best[1].coef_[0], best[1].intercept_[0]
+        coef, intercept = _probe_fit(x[known], y[..., k][known], vx[vknown], vy[..., k][vknown])
         rates.append(_position_rates(coef[:buckets] + intercept,
                                      positions_QxN[known]).round(6).tolist())
         weights.append(coef[buckets:-width].round(6).tolist())
         pooled.append(coef[-width:].round(6).tolist())
     _probes[memo] = rates, weights, pooled
     return _probes[memo]
+
+
+def _probe_design(evaluator, params, experiment: config_lib.Experiment, split: str,
+                  buckets: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(inputs [Q, N, buckets + features + width]: the position one-hot, member features and
+    pooled state; actions [Q, N, K]; known [Q, N, K]; positions [Q, N]; width) of a split's
+    whole logged lists (training reads a few candidates of each, the probe every one, every
+    position included), its first PROBE_PAIRS pairs' queries."""
+    from jaxdistill.data.batches import split_batches
+    from jaxdistill.data.sources import open_source
+
+    source = open_source(Path(experiment.data.path), split)
+    records, pairs = [], 0
+    while len(records) < len(source) and pairs < PROBE_PAIRS:
+        records.append(source[len(records)])
+        pairs += len(records[-1]["candidates"])
+    if not records:
+        raise ValueError(f"{experiment.data.path}: the {split} split is empty; a linear probe "
+                         "fits on train and chooses its L2 strength on validation")
+    scores = evaluator.run(params, {}, split_batches(
+        experiment, split, train=False, records=records, shard=False,
+        list_size=max(len(r["candidates"]) for r in records)))
+    f = scores.fields
+    pooled_QxNxD = scores.student["pooled"].astype(np.float64)
+    q, n, width = pooled_QxNxD.shape
+    positions_QxN = np.minimum(f["position"], buckets - 1)
+    features_QxNxF = f.get("member_features", np.zeros((q, 0)))[:, None, :]
+    x = np.concatenate([np.eye(buckets)[positions_QxN],
+                        np.broadcast_to(features_QxNxF, (q, n, features_QxNxF.shape[-1])),
+                        pooled_QxNxD], -1)
+    known_QxNxK = (f["action_mask"] > 0) & (f["candidate_mask"] > 0)[..., None]
+    return x, f["actions"], known_QxNxK, positions_QxN, width
+
+
+def _probe_fit(x_NxI: np.ndarray, y_N: np.ndarray, val_x_NxI: np.ndarray,
+               val_y_N: np.ndarray) -> tuple[np.ndarray, float]:
+    """(coefficients, intercept) of one action's logistic fit, at the PROBE_C with the best
+    validation AUROC (C = 1 without both classes on validation); an action never (or always)
+    logged keeps its rate and no weights."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(y_N)) < 2:
+        rate = y_N.mean() if y_N.size else 0.5
+        return np.zeros(x_NxI.shape[-1]), float(np.log((rate + 1e-4) / (1 - rate + 1e-4)))
+    choices = PROBE_C if len(np.unique(val_y_N)) == 2 else (1.0,)
+    best = None
+    for c in choices:
+        # The intercept is not penalised (lbfgs): it keeps a rare action's base rate while a
+        # strong penalty shrinks the position one-hot's weights.
+        fit = LogisticRegression(C=c, max_iter=3000).fit(x_NxI, y_N)
+        score = roc_auc_score(val_y_N, fit.decision_function(val_x_NxI)) if len(choices) > 1 \
+            else 0.0
+        if best is None or score > best[0]:
+            best = (score, fit)
+    return best[1].coef_[0], float(best[1].intercept_[0])
 
 
 def _stage_spec(cfg: PipelineConfig, name: str) -> StageSpec:
