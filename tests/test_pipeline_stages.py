@@ -274,6 +274,13 @@ def test_engagement_teacher_starts_at_a_linear_probe_of_the_judge(tmp_path, monk
         assert min(np.abs(fit - logits).max() for fit in fits) < 1e-3, name
         fitted += 1
     assert fitted >= 1  # the tiny logs hold clicks
+    # With rare-action masking the probe fits apply where a click happened: P(apply | click),
+    # above the rate over every candidate (every apply follows a click).
+    apply = head.names.index("apply")
+    assert f["actions"][..., apply].sum() > 0
+    masked = pipeline.linear_probe(upstream["judge"], experiment, head.names,
+                                   head.position_buckets, given={"apply": "click"})
+    assert np.mean(masked[0][apply]) > np.mean(head.position_prior[apply])
 
     pipeline.run_stage(cfg, "engagement_teacher", base_dir, workdir, preset, labelled,
                        policy_path, policy_hash, upstream)
