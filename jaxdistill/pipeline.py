@@ -212,13 +212,15 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
         "trainer.progress=true",
     ]
     raw = config_lib.apply_overrides(config_lib.read_yaml(base_dir / stage.config), overrides)
-    probed = {name: head for name, head in raw.get("model", {}).get("heads", {}).items()
-              if head.get("type") == "actions" and head.get("pooled_prior") == []}
-    for head in raw.get("model", {}).get("heads", {}).values():
+    probed = {}  # heads that start at a linear probe of the warm start
+    for head_name, head in raw.get("model", {}).get("heads", {}).items():
         if head.get("type") == "token_score":
             head["token_ids"] = [no_id, yes_id]
-        if any(head is probe for probe in probed.values()):
-            continue  # below, once the stage's data config is resolved
+        if head.get("type") == "actions" and head.get("pooled_prior") == []:
+            if stage.warm_start in upstream:
+                probed[head_name] = head
+                continue  # below, once the stage's data config is resolved
+            head["pooled_prior"] = None  # nothing to probe (`judge: oracle`): the logs' fit
         if head.get("type") == "actions" and head.get("feature_prior") == []:
             head["position_prior"], head["feature_prior"] = logged_action_fit(
                 data.path / "records", head["names"], head["position_buckets"])
@@ -245,17 +247,12 @@ def stage_experiment(cfg: PipelineConfig, name: str, base_dir: Path, preset: Pre
     if not probed or for_key or not probe:
         return experiment
     for head_name, head in probed.items():
-        if stage.warm_start in upstream:
-            # The probe fits what the head's loss counts: a rare action given its precondition.
-            given = {a: p for term in experiment.objective if term.student == head_name
-                     for a, p in term.given.items()}
-            head["position_prior"], head["feature_prior"], head["pooled_prior"] = linear_probe(
-                upstream[stage.warm_start], experiment, head["names"], head["position_buckets"],
-                given=given)
-        else:  # nothing to probe (`judge: oracle`, no warm start): the logs' fit alone
-            head["pooled_prior"] = None
-            head["position_prior"], head["feature_prior"] = logged_action_fit(
-                data.path / "records", head["names"], head["position_buckets"])
+        # The probe fits what the head's loss counts: a rare action given its precondition.
+        given = {a: p for term in experiment.objective if term.student == head_name
+                 for a, p in term.given.items()}
+        head["position_prior"], head["feature_prior"], head["pooled_prior"] = linear_probe(
+            upstream[stage.warm_start], experiment, head["names"], head["position_buckets"],
+            given=given)
     return config_lib.validate(raw, source=str(base_dir / stage.config))
 
 
@@ -356,8 +353,9 @@ def linear_probe(warm: StageOutput, experiment: config_lib.Experiment, names: Se
     for k, name in enumerate(names):
         known, vknown = known_QxNxK[..., k], vknown_QxNxK[..., k]
         if name in given:
-            known = known & (y[..., list(names).index(given[name])] > 0.5)
-            vknown = vknown & (vy[..., list(names).index(given[name])] > 0.5)
+            precondition = list(names).index(given[name])
+            known = known & (y[..., precondition] > 0.5)
+            vknown = vknown & (vy[..., precondition] > 0.5)
         coef, intercept = _probe_fit(x[known], y[..., k][known], vx[vknown], vy[..., k][vknown])
         rates.append(_position_rates(coef[:buckets] + intercept,
                                      positions_QxN[known]).round(6).tolist())

@@ -83,11 +83,9 @@ class ActionHead(_Head):
                 raise ValueError("feature_prior is one half of a logistic fit on position and "
                                  "member features: it needs position_prior")
         if self.pooled_prior:
-            widths = {len(row) for row in self.pooled_prior}
-            if len(self.pooled_prior) != len(self.names) or len(widths) != 1:
-                raise ValueError(f"pooled_prior must hold {len(self.names)} rows (actions "
-                                 f"{list(self.names)}) of one width, got "
-                                 f"{len(self.pooled_prior)} rows of lengths {sorted(widths)}")
+            # The pooled state's width is the backbone's, checked when the head is built.
+            self._check_rows("pooled_prior", self.pooled_prior, len(self.pooled_prior[0]),
+                             "weights (the pooled state's width)")
             if not self.position_prior:
                 raise ValueError("pooled_prior is one part of a logistic fit on the pooled "
                                  "state, position and member features: it needs position_prior")
