@@ -150,6 +150,40 @@ def test_unknown_preset_and_stage_errors_name_the_file(tmp_path):
         pipeline.load_pipeline(path)
 
 
+def test_the_full_preset_resolves_every_stage_at_realistic_sizes(tmp_path):
+    """`--preset full` needs an accelerator to run, so here each of its stages (the real
+    pipeline.yaml and stage configs) is resolved, validated and built abstractly: the judge
+    and teachers at the preset's teacher size, the students at its student size and at most a
+    quarter of a teacher's weights (the report's target), every stage at the preset's steps
+    and numerics, the students reading both teachers in the preset's teacher dtype."""
+    from jaxdistill.loader import model_config
+    from jaxdistill.models.model import count_params, functional
+
+    *_, policy_path, data = prepared_tiny_pipeline(tmp_path)  # a tokenizer and logs to read
+    cfg, base_dir = pipeline.load_pipeline(REPO_CONFIGS / "pipeline.yaml")
+    preset = cfg.presets["full"]
+    upstream = {name: pipeline.StageOutput(name, f"{name}-key", tmp_path / name, False, 0.0)
+                for name in (pipeline.JUDGE, *cfg.stages)}
+    params = {}
+    for name in (pipeline.JUDGE, *cfg.stages):
+        experiment = pipeline.stage_experiment(cfg, name, base_dir, preset, data, policy_path,
+                                               upstream, for_key=True)
+        backbone = experiment.model.backbone
+        assert (experiment.trainer.steps, experiment.optimizer.total_steps) == (20000, 20000)
+        assert (experiment.data.batch_size, experiment.data.max_len) == (64, 128)
+        assert (backbone.dtype, backbone.remat) == ("bfloat16", "full")
+        teacher_stage = name == pipeline.JUDGE or not cfg.stages[name].teachers
+        assert backbone.hidden == (1024 if teacher_stage else 512), name
+        assert backbone.layers == (16 if teacher_stage else 8), name
+        for teacher in experiment.teachers.values():
+            if str(teacher.source).startswith("run:"):
+                assert teacher.dtype == "bfloat16"
+        params[name] = count_params(functional(model_config(experiment.model)).shapes)
+    assert params["relevance_teacher"] > 150e6  # 16 layers of 1024
+    for student in ("student", "student_relevance_only", "student_engagement_only"):
+        assert params[student] / params["relevance_teacher"] <= 0.25, student
+
+
 def test_teachers_warm_start_from_the_judge_unless_the_oracle_labels(tmp_path):
     cfg, base_dir, preset, policy_path, data = prepared_tiny_pipeline(tmp_path)
     judge_run = pipeline.StageOutput("judge", "judgekey", tmp_path / "judge_run", False, 0.0)
