@@ -99,7 +99,8 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
         if math.isnan(value):
             return "n/a"
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
+        # Rates and counts in whole units (items/s 964, not 964.1362); metrics to 4 places.
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 

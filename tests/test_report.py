@@ -114,9 +114,10 @@ def test_write_report_with_empty_sections(tmp_path):
 
 
 def test_extra_sections_follow_the_standard_ones(tmp_path):
-    table = report.table_lines(["query", "p(Yes)"], [["sr swe | remote", 0.123456], ["ds", 2500.0]])
+    table = report.table_lines(["query", "p(Yes)"], [["sr swe | remote", 0.123456], ["ds", 2500.0],
+                                                     ["ml", 964.1362], ["pm", 12.5]])
     assert table == ["| query | p(Yes) |", "|---|---|", "| sr swe \\| remote | 0.1235 |",
-                     "| ds | 2,500 |"]
+                     "| ds | 2,500 |", "| ml | 964 |", "| pm | 12.5000 |"]
     path = report.write_report(tmp_path, headline={}, models_table=[], curves={}, calibration={},
                                kappa_by_dimension={}, targets=[],
                                sections=[("Judge", ["Labelled by the judge."]), ("Pairs", table)])
