@@ -307,16 +307,32 @@ def select(measured: Mapping[str, Any], names: Sequence[str], calibration: str,
 # ------------------------------------------------------------------------------- table
 
 
-def aggregate(per_seed: Sequence[Mapping[str, float]]) -> dict[str, dict[str, Any]]:
-    """{metric: {mean, std (ddof=1; nan for one seed), n, values}} over the seeds' results."""
-    metrics = sorted({k for r in per_seed for k in r})
+def aggregate(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, dict[str, Any]]:
+    """{metric: {mean, std (ddof=1; nan for one seed), n, values, seeds}} over the seeds'
+    results ({seed: {metric: value}}; a metric a seed lacks counts over the others)."""
+    metrics = sorted({k for r in per_seed.values() for k in r})
     out = {}
     for metric in metrics:
-        values = np.array([r[metric] for r in per_seed if metric in r], np.float64)
+        seeds = sorted(s for s, r in per_seed.items() if metric in r)
+        values = np.array([per_seed[s][metric] for s in seeds], np.float64)
         out[metric] = {"mean": float(values.mean()),
                        "std": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
-                       "n": int(len(values)), "values": values.tolist()}
+                       "n": int(len(values)), "values": values.tolist(), "seeds": seeds}
     return out
+
+
+def delta_error(stats: Mapping[str, Any], baseline: Mapping[str, Any]) -> float:
+    """The standard error of a variant's delta against its baseline. Seed N of a variant and
+    of its baseline share model init and data order, so over the seeds both have (two or more)
+    it is the paired one, std(per-seed differences) / sqrt(n); otherwise that of a difference
+    of two independent means, sqrt(std_v^2 / n_v + std_b^2 / n_b). nan: no spread to measure."""
+    shared = sorted(set(stats.get("seeds", ())) & set(baseline.get("seeds", ())))
+    if len(shared) >= 2:
+        by_v = dict(zip(stats["seeds"], stats["values"]))
+        by_b = dict(zip(baseline["seeds"], baseline["values"]))
+        differences = np.array([by_v[s] - by_b[s] for s in shared])
+        return float(differences.std(ddof=1) / np.sqrt(len(shared)))
+    return float(np.sqrt(stats["std"] ** 2 / stats["n"] + baseline["std"] ** 2 / baseline["n"]))
 
 
 def _cell(stats: Mapping[str, Any] | None, baseline: Mapping[str, Any] | None, is_baseline: bool
@@ -328,8 +344,7 @@ def _cell(stats: Mapping[str, Any] | None, baseline: Mapping[str, Any] | None, i
     if baseline and not is_baseline:
         delta = stats["mean"] - baseline["mean"]
         relative = f", {100 * delta / abs(baseline['mean']):+.1f}%" if baseline["mean"] else ""
-        # The standard error of a difference of two means; with one seed there is no spread.
-        error = np.sqrt(stats["std"] ** 2 / stats["n"] + baseline["std"] ** 2 / baseline["n"])
+        error = delta_error(stats, baseline)
         mark = " †" if np.isfinite(error) and abs(delta) > 2 * error else ""
         text += f" (Δ {delta:+.4f}{relative}{mark})"
     return text
@@ -344,8 +359,10 @@ def table_markdown(spec: AblationsSpec, results: Mapping[str, Any], *, seeds: in
              f"{done} of {total} (variant, seed) runs finished, {seeds} seeds requested; "
              f"{seconds / 60:.1f} min. Each cell: mean ± std over seeds (sample std, ddof=1), "
              "and for a variant its delta against the study's baseline (**bold**); † marks a "
-             "delta larger than twice its standard error (sqrt(std_v²/n_v + std_b²/n_b)), "
-             "i.e. beyond the seed-to-seed spread. Held-out "
+             "delta larger than twice its standard error, i.e. beyond the seed-to-seed spread: "
+             "paired by seed (seed N of a variant and of the baseline share model init and "
+             "data order), std(per-seed differences)/sqrt(n); without two shared seeds, "
+             "sqrt(std_v²/n_v + std_b²/n_b). Held-out "
              "test split; kappa on the golden set; calibration fitted on validation.", "",
              "Shared by every variant and seed: the workload (data) and the judge that labels "
              "it (one simulated world, one judge: a seed varies models, not the world). A seed "
@@ -423,8 +440,8 @@ def run_ablations(path: str | Path, preset_name: str = "laptop", workdir: str | 
             failures += 1
             entry["seeds"][run.seed] = {"error": f"{type(err).__name__}: {err}"}
             status = f"FAILED: {type(err).__name__}: {err}"
-        ok = [r for r in entry["seeds"].values() if "error" not in r]
-        entry["summary"] = aggregate([{k: r[k] for k in run.metrics if k in r} for r in ok])
+        entry["summary"] = aggregate({seed: {k: r[k] for k in run.metrics if k in r}
+                                      for seed, r in entry["seeds"].items() if "error" not in r})
         elapsed = time.time() - started
         eta = elapsed / (i + 1) * (len(runs) - i - 1)
         print(f"[ablate] ({i + 1}/{len(runs)}) {run.study}/{run.variant} seed {run.seed}: "

@@ -57,40 +57,54 @@ def tiny(tiny_cfg):
 
 
 def test_aggregate_is_mean_and_sample_std_over_seeds():
-    per_seed = [{"ndcg_at_10": 0.71, "kappa": 0.40}, {"ndcg_at_10": 0.74, "kappa": 0.52},
-                {"ndcg_at_10": 0.69}]  # a metric a seed lacks counts over the others
+    per_seed = {0: {"ndcg_at_10": 0.71, "kappa": 0.40}, 1: {"ndcg_at_10": 0.74, "kappa": 0.52},
+                2: {"ndcg_at_10": 0.69}}  # a metric a seed lacks counts over the others
     stats = ablations.aggregate(per_seed)
     np.testing.assert_allclose(stats["ndcg_at_10"]["mean"], np.mean([0.71, 0.74, 0.69]))
     np.testing.assert_allclose(stats["ndcg_at_10"]["std"], np.std([0.71, 0.74, 0.69], ddof=1))
     np.testing.assert_allclose(stats["kappa"]["std"], np.std([0.40, 0.52], ddof=1))
     assert stats["kappa"]["n"] == 2 and stats["ndcg_at_10"]["values"] == [0.71, 0.74, 0.69]
-    assert np.isnan(ablations.aggregate([{"kappa": 0.5}])["kappa"]["std"])  # one seed: no spread
+    assert stats["kappa"]["seeds"] == [0, 1]
+    assert np.isnan(ablations.aggregate({0: {"kappa": 0.5}})["kappa"]["std"])  # no spread
 
 
 def test_table_marks_the_baseline_and_gives_each_variant_its_delta(tiny_cfg):
     spec = ablations.load_ablations(tiny_cfg["cfg"], tiny_cfg["path"])
     results = {"labels": {
         "soft": {"seeds": {0: {}, 1: {}},
-                 "summary": ablations.aggregate([{"ndcg_at_10": 0.5, "kappa": 0.4},
-                                                 {"ndcg_at_10": 0.7, "kappa": 0.6}])},
+                 "summary": ablations.aggregate({0: {"ndcg_at_10": 0.5, "kappa": 0.4},
+                                                 1: {"ndcg_at_10": 0.7, "kappa": 0.6}})},
         "hard": {"seeds": {0: {}, 1: {"error": "ValueError: boom"}},
-                 "summary": ablations.aggregate([{"ndcg_at_10": 0.45, "kappa": 0.3}])}}}
+                 "summary": ablations.aggregate({0: {"ndcg_at_10": 0.45, "kappa": 0.3}})}}}
     text = ablations.table_markdown(spec, results, seeds=2, seconds=60, done=4, total=4)
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[1] == "| **soft (baseline)** | 2/2 | 0.6000 ± 0.1414 | 0.5000 ± 0.1414 |"
     assert rows[2] == ("| hard | 1/2 (failed: seed 1) | 0.4500 (Δ -0.1500, -25.0%) "
                        "| 0.3000 (Δ -0.2000, -40.0%) |")
     assert "| **warm (baseline)** | 0/2 | — | — | — |" in text  # not run yet
-    # † where the delta exceeds twice its standard error: NDCG 0.2 ± 0.01 over 3 seeds vs
-    # 0.6 ± 0.1414 over 2 (error sqrt(0.01**2 / 3 + 0.1414**2 / 2) = 0.1002, delta 0.4);
-    # kappa 0.45 ± 0.15 over 3 vs 0.5 ± 0.1414 (error 0.1323, delta 0.05).
-    results["labels"]["hard"]["summary"] = ablations.aggregate(
-        [{"ndcg_at_10": n, "kappa": k} for n, k in ((0.19, 0.3), (0.2, 0.45), (0.21, 0.6))])
-    rows = [line for line in ablations.table_markdown(spec, results, seeds=2, seconds=60,
-                                                      done=4, total=4).splitlines()
-            if line.startswith("| hard")]
+
+    def hard_row(per_seed):
+        results["labels"]["hard"]["summary"] = ablations.aggregate(per_seed)
+        return next(line for line in ablations.table_markdown(
+            spec, results, seeds=2, seconds=60, done=4, total=4).splitlines()
+            if line.startswith("| hard"))
+
+    # Without two seeds in common, † where the delta exceeds twice the standard error of two
+    # independent means: NDCG 0.2 ± 0.01 over 3 seeds vs 0.6 ± 0.1414 over 2 (error
+    # sqrt(0.01**2 / 3 + 0.1414**2 / 2) = 0.1002, delta 0.4); kappa 0.45 ± 0.15 over 3 vs
+    # 0.5 ± 0.1414 (error 0.1323, delta 0.05).
+    row = hard_row({s: {"ndcg_at_10": n, "kappa": k}
+                    for s, n, k in ((2, 0.19, 0.3), (3, 0.2, 0.45), (4, 0.21, 0.6))})
     assert "| 0.2000 ± 0.0100 (Δ -0.4000, -66.7% †) | 0.4500 ± 0.1500 (Δ -0.0500, -10.0%) |" \
-        in rows[0]
+        in row
+    # Paired by seed: a variant 0.02 / 0.01 above the baseline on each of its seeds is beyond
+    # the spread of the differences (std 0.0071 / sqrt 2), though far inside each one's own.
+    row = hard_row({0: {"ndcg_at_10": 0.52, "kappa": 0.5}, 1: {"ndcg_at_10": 0.71, "kappa": 0.5}})
+    assert "| 0.6150 ± 0.1344 (Δ +0.0150, +2.5% †) |" in row
+    assert "| 0.5000 ± 0.0000 (Δ +0.0000, +0.0%) |" in row  # the differences' spread: 0.1
+    np.testing.assert_allclose(ablations.delta_error(
+        results["labels"]["hard"]["summary"]["ndcg_at_10"],
+        results["labels"]["soft"]["summary"]["ndcg_at_10"]), np.std([0.02, 0.01], ddof=1) / 2**0.5)
     assert "Shared by every variant and seed: the workload (data) and the judge" in text
 
 
