@@ -186,6 +186,9 @@ class TrainerSection(_Section):
     log_every: int = Field(default=50, ge=1)
     eval_every: int = Field(default=500, ge=1)
     eval_batches: int = Field(default=8, ge=1)
+    # Evaluate once before the first step (step 0), so eval curves start where training did
+    # (a warm start's or a linear probe's loss); a resumed run does not repeat it.
+    eval_on_start: bool = False
     progress: bool = True
     # This many consecutive skipped (non-finite) updates end the run: it is learning nothing.
     max_skipped_updates: int = Field(default=20, ge=1)

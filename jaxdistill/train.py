@@ -73,7 +73,7 @@ RUN_FILE = "run.json"
 # reshapes the learning-rate schedule the checkpoint already followed) must match the checkpoint.
 RESUMABLE_KEYS = frozenset({
     "trainer.steps", "trainer.log_every", "trainer.eval_every", "trainer.eval_batches",
-    "trainer.progress", "trainer.max_skipped_updates", "checkpoint.every",
+    "trainer.eval_on_start", "trainer.progress", "trainer.max_skipped_updates", "checkpoint.every",
     "checkpoint.max_to_keep", "checkpoint.async_save",
 })
 RESUMABLE_SECTIONS = ("logging",)  # where metrics go (JSONL, TensorBoard, wandb) never matters
@@ -455,6 +455,9 @@ def _run(s: runs.Setup, run_dir: Path, checkpointer: Checkpointer, *, resume: bo
                 if sampler is not None else None
         bar = progress_bar(trainer.steps, initial=step, enabled=trainer.progress)
         window_start, window_steps = time.perf_counter(), 0
+        if evaluator is not None and trainer.eval_on_start and step == 0:
+            with paused():
+                eval_metrics = evaluate(0)
         while step < trainer.steps:
             with jax.transfer_guard("disallow"):
                 if sampler is not None and is_on_policy(cfg.seed, step, cfg.on_policy.fraction):

@@ -130,6 +130,27 @@ def eval_lines(result):
     return [line for line in read_metrics(result.run_dir) if "eval/loss/total" in line]
 
 
+def test_eval_on_start_adds_a_step_0_eval_and_changes_nothing_else(data_dir, tokenizer,
+                                                                    tmp_path):
+    """`trainer.eval_on_start` evaluates the starting params once (step 0): the later evals
+    and the trained params are those of a run without it, and a resumed run does not repeat
+    it."""
+    plain = train.run(experiment(data_dir, tokenizer, "plain"), tmp_path / "plain")
+    short = experiment(data_dir, tokenizer, "start", trainer={"eval_on_start": True, "steps": 3})
+    train.run(short, tmp_path / "start")
+    started = train.run(experiment(data_dir, tokenizer, "start", trainer={
+        "eval_on_start": True}), tmp_path / "start")  # resumes at step 3
+    assert [line["step"] for line in eval_lines(started)] == [0, 3, 6]
+    assert [line["step"] for line in eval_lines(plain)] == [3, 6]
+    for with_start, without in zip(eval_lines(started)[1:], eval_lines(plain)):
+        assert with_start["eval/loss/total"] == without["eval/loss/total"]
+    first = eval_lines(started)[0]["eval/loss/total"]
+    assert np.isfinite(first) and first != eval_lines(started)[1]["eval/loss/total"]
+    for a, b in zip(jax.tree.leaves(load_params(started.run_dir)[1]),
+                    jax.tree.leaves(load_params(plain.run_dir)[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_keep_best_keeps_the_best_step_and_load_params_reads_it(teacher_run):
     result, _ = teacher_run
     best = max(eval_lines(result), key=lambda line: line["eval/loss/total"])["step"]
