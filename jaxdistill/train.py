@@ -233,7 +233,7 @@ def _same_file(a: Any, b: Any) -> bool:
         return False
     try:
         return Path(a).is_file() and Path(b).is_file() and (
-            Path(a).read_bytes() == Path(b).read_bytes())
+            config_lib.file_hash(a) == config_lib.file_hash(b))
     except OSError:
         return False
 
